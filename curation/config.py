@@ -1,0 +1,222 @@
+"""Pipeline configuration: pydantic models loaded from YAML, with readable errors.
+
+A pipeline file (``pipelines/lvd.yaml``) holds run settings, ingestion settings, the ordered
+list of stages, and the seed / evaluation-set catalogs. Stage entries are validated by the
+``Config`` model of the stage module their ``kind`` names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from curation.stage import StageConfig, StageError, stage_class
+
+PIPELINES_DIR = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpConfig(Strict):
+    """Crawler settings for URL lists."""
+
+    concurrency: int = Field(64, ge=1, description="requests in flight in one ingest worker")
+    per_host: int = Field(8, ge=1, description="requests in flight to one host")
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(30.0, gt=0)
+    retries: int = Field(3, ge=0, description="retries after a 5xx, 429 or timeout")
+    backoff: float = Field(0.5, ge=0, description="first retry delay in seconds, doubled each retry")
+    max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="larger bodies are dropped as too_large")
+    max_redirects: int = Field(5, ge=0)
+    user_agent: str = "curation/0.1 (+https://github.com/curation)"
+
+
+class UrlRulesConfig(Strict):
+    """Blocklists applied to URLs at ingestion (drops: blocked_domain / blocked_url)."""
+
+    domain_files: list[Path] = Field(default_factory=list, description="files of blocked domains, one per line; subdomains are blocked too")
+    domains: list[str] = Field(default_factory=list)
+    suffixes: list[str] = Field(default_factory=list, description="blocked host suffixes, e.g. '.xxx'")
+    regex_files: list[Path] = Field(default_factory=list, description="files of regular expressions matched against the whole URL")
+    regexes: list[str] = Field(default_factory=list)
+
+
+class IngestConfig(Strict):
+    shard_size: int = Field(1000, ge=1, le=1 << 20, description="input items per ingest shard")
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    url_rules: UrlRulesConfig = Field(default_factory=UrlRulesConfig)
+    url_column: str | None = Field(None, description="column holding URLs in Parquet/CSV inputs (auto-detected if unset)")
+    bytes_column: str | None = Field(None, description="column holding image bytes in Parquet inputs (auto-detected if unset)")
+
+
+# -- seed recipes (Table 15 of the DINOv2 paper) -----------------------------------------------
+class AsIs(Strict):
+    method: Literal["as_is"] = "as_is"
+
+
+class Sample(Strict):
+    method: Literal["sample"] = "sample"
+    k: int = Field(4, ge=1, description="pool neighbours retrieved per seed image")
+    min_similarity: float | None = Field(None, ge=-1, le=1)
+
+
+class Cluster(Strict):
+    method: Literal["cluster"] = "cluster"
+    min_seeds: int = Field(3, ge=0, description="clusters holding more than this many seed images are taken")
+    per_cluster: int = Field(10_000, ge=1)
+    cap: int = Field(1_000_000, ge=1, description="most images retrieved for this seed dataset")
+
+
+Recipe = Annotated[Union[AsIs, Sample, Cluster], Field(discriminator="method")]
+
+
+class SeedEntry(Strict):
+    path: str = Field(description="folder of class subfolders, tar shards, Parquet; ${ENV} allowed")
+    recipes: list[Recipe] = Field(default_factory=lambda: [AsIs()])
+    description: str = ""
+
+
+class ExcludeEntry(Strict):
+    path: str
+    description: str = ""
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="existing cluster ('auto' or host:port); None starts a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
+    dashboard_host: str = Field("127.0.0.1", description="bind address of the local dashboard; keep loopback unless you firewall it")
+    include_dashboard: bool = True
+    object_store_memory: int | None = None
+
+
+class PipelineConfig(Strict):
+    name: str = "lvd"
+    seed: int = Field(0, description="random seed for every stochastic step")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    stages: list[StageConfig] = Field(default_factory=list)
+    seeds_catalog: dict[str, SeedEntry] = Field(default_factory=dict)
+    excludes_catalog: dict[str, ExcludeEntry] = Field(default_factory=dict)
+    default_seed_recipes: list[Recipe] = Field(
+        default_factory=lambda: [AsIs(), Sample(k=4)],
+        description="recipes for a seed dataset given as a path rather than a catalog name",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _validate_stages(cls, raw: Any) -> list[StageConfig]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            raise ValueError("stages must be a list of {kind: ..., ...} entries")
+        out: list[StageConfig] = []
+        for i, entry in enumerate(raw):
+            if isinstance(entry, StageConfig):
+                out.append(entry)
+                continue
+            if not isinstance(entry, dict) or "kind" not in entry:
+                raise ValueError(f"stages[{i}] must be a mapping with a 'kind'")
+            try:
+                model = stage_class(entry["kind"]).Config
+            except StageError as e:
+                raise ValueError(f"stages[{i}]: {e}") from None
+            try:
+                out.append(model.model_validate(entry))
+            except ValidationError as e:
+                raise ValueError(f"stages[{i}] ({entry['kind']}): {_format_errors(e)}") from None
+        return out
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "PipelineConfig":
+        names = [s.stage_name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stage names must be unique; give these a distinct 'name': {dup}")
+        return self
+
+    def enabled_stages(self) -> list[StageConfig]:
+        return [s for s in self.stages if s.enabled]
+
+    def stage_config(self, kind: str) -> StageConfig | None:
+        for s in self.stages:
+            if s.kind == kind and s.enabled:
+                return s
+        return None
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the output (used to refuse an inconsistent resume)."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A pipeline file that cannot be used; the message says where and why."""
+
+
+def _format_errors(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a pipeline YAML (a path, or a name in pipelines/ such as 'lvd' or 'demo')."""
+    resolved = resolve_pipeline_path(path)
+    try:
+        raw = yaml.safe_load(resolved.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{resolved}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{resolved}: the top level must be a mapping")
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{resolved}: {_format_errors(e)}") from None
+
+
+def resolve_pipeline_path(path: str | Path | None) -> Path:
+    if path is None:
+        path = "lvd"
+    p = Path(path)
+    if p.is_file():
+        return p
+    candidate = PIPELINES_DIR / f"{path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(x.stem for x in PIPELINES_DIR.glob("*.yaml"))
+    raise ConfigError(f"no pipeline file {path!r}; give a YAML path or one of: {', '.join(known)}")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: str, what: str) -> str:
+    """Expand ${VAR} in catalog paths; an unset variable is an error that names it."""
+
+    def repl(m: re.Match) -> str:
+        var = m.group(1)
+        if var not in os.environ:
+            raise ConfigError(f"{what} uses ${{{var}}}, which is not set: export {var}=/path/to/data")
+        return os.environ[var]
+
+    return _ENV.sub(repl, value)

@@ -1,0 +1,99 @@
+"""The manifest: the one file the downstream trainer reads.
+
+It lists the dataset shards (path, rows, sha256), the counts from the ledger (input = kept +
+sum of dropped, checked here), per seed dataset what Table 15 of the DINOv2 paper reports,
+per stage what it removed, and every warning (e.g. a safety filter that was NOT applied).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow.parquet as pq
+
+from curation import ledger as ledger_mod
+from curation import schema
+
+if TYPE_CHECKING:  # pragma: no cover
+    from curation.runner import Runner
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_manifest(runner: "Runner", stages, history, seconds: float) -> dict:
+    from curation.runner import FORMAT_VERSION
+
+    store = runner.store
+    counts = ledger_mod.summarize(store.ledger_root)
+    balance = counts["kept"] + sum(counts["dropped"].values())
+    if balance != counts["input"] or counts["ledger_duplicate_uids"]:
+        raise RuntimeError(
+            f"ledger does not balance: input {counts['input']} != kept {counts['kept']} + dropped "
+            f"{sum(counts['dropped'].values())}, or {counts['ledger_duplicate_uids']} items recorded twice"
+        )
+    shards = []
+    for p in sorted(store.dataset_dir.glob("part-*.parquet")):
+        shards.append(
+            {
+                "path": str(p.relative_to(store.run_dir)),
+                "rows": pq.ParquetFile(p).metadata.num_rows,
+                "bytes": p.stat().st_size,
+                "sha256": sha256_file(p),
+            }
+        )
+    if sum(s["rows"] for s in shards) != counts["kept"]:
+        raise RuntimeError("dataset shards and ledger disagree on the number of kept images")
+    stage_sections = {}
+    for st in stages:
+        section = st.manifest_section()
+        if section:
+            stage_sections[st.name] = section
+    retrieval = {}
+    for s in runner.stage_stats:
+        summ = s.get("summary") or {}
+        retrieval.update(summ.get("seed_datasets", {}))
+    kept_by_source = _kept_by_source(store)
+    seeds = {}
+    for s in runner.seeds:
+        seeds[s.name] = {
+            "path": s.path,
+            "recipes": list(s.recipes),
+            "as_is_kept": kept_by_source.get(f"seed:{s.name}", 0),
+            **({"retrieval": retrieval[s.name]} if s.name in retrieval else {}),
+        }
+    columns = pq.read_schema(store.dataset_dir / Path(shards[0]["path"]).name).names if shards else []
+    return {
+        "format": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run_dir": str(store.run_dir),
+        "fingerprint": runner.fingerprint(),
+        "counts": counts,
+        "shards": shards,
+        "columns": columns,
+        "seeds": seeds,
+        "excludes": [e.to_dict() for e in runner.excludes],
+        "pools": runner.inputs()["pools"],
+        "stages": runner.stage_stats,
+        "stage_reports": stage_sections,
+        "warnings": runner.warnings,
+        "config": runner.cfg.model_dump(mode="json"),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _kept_by_source(store) -> dict[str, int]:
+    t = ledger_mod.read_ledger(store.ledger_root, columns=[schema.SOURCE, "decision"])
+    out: dict[str, int] = {}
+    for src, dec in zip(t.column(schema.SOURCE).to_pylist(), t.column("decision").to_pylist()):
+        if dec == ledger_mod.KEPT:
+            out[src] = out.get(src, 0) + 1
+    return out

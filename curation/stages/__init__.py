@@ -1,0 +1,1 @@
+"""One module per stage; each exposes ``STAGE``. See curation/stage.py for the contract."""

@@ -1,0 +1,218 @@
+"""The run directory: atomic Parquet/JSON writes, completion markers, and reading a shard's
+columns across stages.
+
+Each stage writes ``uid`` plus only the columns it produced, so image bytes are stored once
+(unless a stage replaces them). ``ShardView`` stitches a shard back together: the row set comes
+from the latest per-shard stage, minus the rows that later global stages dropped, and each
+column comes from the latest stage that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation import schema
+
+INGEST, MAP, GLOBAL = "ingest", "map", "global"
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp, compression="zstd", **kwargs)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}"
+
+
+@dataclass
+class StageRecord:
+    """Where one executed stage keeps its output, and which columns it wrote."""
+
+    index: int
+    name: str
+    kind: str
+    shape: str  # ingest | map | global
+    columns: list[str] = field(default_factory=list)
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.index:02d}_{self.name}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RunStore:
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir).resolve()
+
+    # -- layout -------------------------------------------------------------------------------
+    @property
+    def run_json(self) -> Path:
+        return self.run_dir / "run.json"
+
+    @property
+    def plan_json(self) -> Path:
+        return self.run_dir / "plan.json"
+
+    @property
+    def manifest_json(self) -> Path:
+        return self.run_dir / "manifest.json"
+
+    @property
+    def status_json(self) -> Path:
+        return self.run_dir / "status.json"
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.run_dir / "dataset"
+
+    @property
+    def ledger_root(self) -> Path:
+        return self.run_dir / "ledger"
+
+    def stage_dir(self, rec: StageRecord) -> Path:
+        return self.run_dir / "stages" / rec.dirname
+
+    def ledger_dir(self, rec: StageRecord) -> Path:
+        return self.ledger_root / rec.dirname
+
+    # -- markers ------------------------------------------------------------------------------
+    def shard_marker(self, rec: StageRecord, shard: int) -> Path:
+        return self.stage_dir(rec) / f"{part_name(shard)}.done"
+
+    def shard_done(self, rec: StageRecord, shard: int) -> bool:
+        return self.shard_marker(rec, shard).exists()
+
+    def mark_shard_done(self, rec: StageRecord, shard: int, stats: dict) -> None:
+        write_json_atomic(stats, self.shard_marker(rec, shard))
+
+    def shard_stats(self, rec: StageRecord, shard: int) -> dict:
+        return read_json(self.shard_marker(rec, shard))
+
+    def stage_marker(self, rec: StageRecord) -> Path:
+        return self.stage_dir(rec) / "_SUCCESS"
+
+    def stage_done(self, rec: StageRecord) -> bool:
+        return self.stage_marker(rec).exists()
+
+    def mark_stage_done(self, rec: StageRecord, stats: dict) -> None:
+        write_json_atomic(stats, self.stage_marker(rec))
+
+    # -- per-shard files ----------------------------------------------------------------------
+    def part_path(self, rec: StageRecord, shard: int) -> Path:
+        return self.stage_dir(rec) / f"{part_name(shard)}.parquet"
+
+    def drops_path(self, rec: StageRecord, shard: int) -> Path:
+        return self.stage_dir(rec) / "drops" / f"{part_name(shard)}.parquet"
+
+    def annotations_path(self, rec: StageRecord, shard: int) -> Path:
+        return self.stage_dir(rec) / "annotations" / f"{part_name(shard)}.parquet"
+
+    def ledger_path(self, rec: StageRecord, shard: int) -> Path:
+        return self.ledger_dir(rec) / f"{part_name(shard)}.parquet"
+
+
+def split_by_shard(table: pa.Table) -> dict[int, pa.Table]:
+    """Group a uid-keyed table by the shard its uids belong to."""
+    if table.num_rows == 0:
+        return {}
+    shards = np.asarray(table.column(schema.UID).to_numpy()) >> schema.UID_SHARD_BITS
+    out = {}
+    for s in np.unique(shards):
+        out[int(s)] = table.filter(pa.array(shards == s))
+    return out
+
+
+class ShardView:
+    """Read a shard as it stands after the stages in ``history``."""
+
+    def __init__(self, store: RunStore, history: Iterable[StageRecord]):
+        self.store = store
+        self.history = list(history)
+
+    def available_columns(self) -> list[str]:
+        cols: list[str] = []
+        for rec in self.history:
+            for c in rec.columns:
+                if c not in cols:
+                    cols.append(c)
+        return cols
+
+    def _base(self) -> int:
+        for i in range(len(self.history) - 1, -1, -1):
+            if self.history[i].shape in (INGEST, MAP):
+                return i
+        raise RuntimeError("no ingest stage in history")
+
+    def read(self, shard: int, columns: Iterable[str]) -> pa.Table:
+        columns = [c for c in dict.fromkeys(columns) if c != schema.UID]
+        base_i = self._base()
+        base = self.history[base_i]
+        path = self.store.part_path(base, shard)
+        uids = pq.read_table(path, columns=[schema.UID]).column(schema.UID) if path.exists() else pa.array([], pa.int64())
+        uids = pa.chunked_array([uids]) if isinstance(uids, pa.Array) else uids
+        # Rows dropped by global stages after the base stage.
+        for rec in self.history[base_i + 1 :]:
+            if rec.shape == GLOBAL:
+                dp = self.store.drops_path(rec, shard)
+                if dp.exists() and len(uids):
+                    dropped = pq.read_table(dp, columns=[schema.UID]).column(schema.UID)
+                    uids = uids.filter(pc.invert(pc.is_in(uids, value_set=dropped.combine_chunks())))
+        uids = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
+        out = {schema.UID: uids}
+        for col in columns:
+            out[col] = self._column(shard, col, uids)
+        return pa.table(out)
+
+    def _column(self, shard: int, col: str, uids: pa.Array) -> pa.Array:
+        """Values of ``col`` for ``uids`` from the latest stage that wrote it. Where that stage
+        left a value null (global annotations cover some rows only; a map stage that replaces
+        a column returns null for rows it leaves unchanged), the earlier writer's value shows."""
+        for pos in range(len(self.history) - 1, -1, -1):
+            rec = self.history[pos]
+            if col not in rec.columns:
+                continue
+            path = self.store.annotations_path(rec, shard) if rec.shape == GLOBAL else self.store.part_path(rec, shard)
+            earlier = ShardView(self.store, self.history[:pos])
+            has_earlier = col in earlier.available_columns()
+            if not path.exists():
+                raise FileNotFoundError(f"missing {path} (stage {rec.name}, shard {shard})")
+            t = pq.read_table(path, columns=[schema.UID, col])
+            idx = pc.index_in(uids, value_set=t.column(schema.UID).combine_chunks())
+            values = t.column(col).combine_chunks().take(idx)
+            if values.null_count and has_earlier:
+                prev = earlier._column(shard, col, uids)
+                return pc.if_else(pc.is_null(values), prev, values)
+            return values
+        raise KeyError(f"no stage wrote column {col!r}; available: {self.available_columns()}")
+
+    def shards(self) -> list[int]:
+        """Shards that exist at the base stage."""
+        base = self.history[self._base()]
+        d = self.store.stage_dir(base)
+        return sorted(int(p.stem.split("-")[1]) for p in d.glob("part-*.parquet"))
