@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from curation.stage import StageConfig, StageError, stage_class
 
@@ -102,7 +102,7 @@ class PipelineConfig(Strict):
     name: str = "lvd"
     seed: int = Field(0, description="random seed for every stochastic step")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
-    stages: list[StageConfig] = Field(default_factory=list)
+    stages: list[SerializeAsAny[StageConfig]] = Field(default_factory=list)
     seeds_catalog: dict[str, SeedEntry] = Field(default_factory=dict)
     excludes_catalog: dict[str, ExcludeEntry] = Field(default_factory=dict)
     default_seed_recipes: list[Recipe] = Field(
@@ -153,8 +153,9 @@ class PipelineConfig(Strict):
         return None
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the output (used to refuse an inconsistent resume)."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of everything that changes the output (used to refuse an inconsistent resume).
+        Where Ray runs (address, CPUs, dashboard) does not change the output and is left out."""
+        payload = json.dumps(self.model_dump(mode="json", exclude={"ray"}), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,44 @@
+"""Small builders for test inputs (copies of real images, never links: readers refuse links
+that leave their root)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+
+def copy_images(src_dir: Path, dst_dir: Path, per_class: int, classes: list[str] | None = None) -> list[Path]:
+    out = []
+    class_dirs = sorted(p for p in src_dir.iterdir() if p.is_dir())
+    if classes is not None:
+        class_dirs = [d for d in class_dirs if d.name in classes]
+    for d in class_dirs:
+        target = dst_dir / d.name
+        target.mkdir(parents=True, exist_ok=True)
+        for f in sorted(p for p in d.iterdir() if p.is_file())[:per_class]:
+            shutil.copyfile(f, target / f.name)
+            out.append(target / f.name)
+    return out
+
+
+def dataset_rows(run_dir: Path, columns=("uid", "id", "source_key")) -> list[tuple]:
+    rows = []
+    for p in sorted((run_dir / "dataset").glob("*.parquet")):
+        t = pq.read_table(p, columns=list(columns))
+        rows += list(zip(*[t.column(c).to_pylist() for c in columns]))
+    return sorted(rows)
+
+
+def ledger_rows(run_dir: Path) -> list[tuple]:
+    rows = []
+    for p in sorted((run_dir / "ledger").rglob("*.parquet")):
+        t = pq.read_table(p)
+        rows += list(zip(*[t.column(c).to_pylist() for c in ("uid", "id", "stage", "decision", "reason", "details")]))
+    return sorted(rows)
+
+
+def manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())

@@ -1,0 +1,85 @@
+"""Pipeline files are validated with messages that say where and why."""
+
+from pathlib import Path
+
+import pytest
+
+from curation.catalog import resolve_seeds
+from curation.config import ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_bundled_pipelines_load():
+    for name in ("lvd", "demo", "smoke"):
+        cfg = load_config(name)
+        assert cfg.stages, name
+        assert cfg.enabled_stages()[0].kind == "decode"
+
+
+def test_lvd_carries_the_paper_recipes():
+    cfg = load_config("lvd")
+    recipes = {n: [r.model_dump() for r in e.recipes] for n, e in cfg.seeds_catalog.items()}
+    assert {"method": "sample", "k": 4, "min_similarity": None} in recipes["imagenet22k"]
+    assert {"method": "as_is"} in recipes["imagenet22k"]
+    assert recipes["imagenet1k"] == [{"method": "sample", "k": 32, "min_similarity": None}]
+    assert recipes["caltech101"][0] == {"method": "cluster", "min_seeds": 3, "per_cluster": 10000, "cap": 1000000}
+
+
+def test_unknown_stage_kind_lists_known_kinds(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[0\].*unknown stage kind 'dedupe'.*decode"):
+        load_config(write(tmp_path, "stages: [{kind: dedupe}]"))
+
+
+def test_bad_field_names_the_stage_and_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(decode\): min_side"):
+        load_config(write(tmp_path, "stages: [{kind: exact_dedup}, {kind: decode, min_side: -3}]"))
+    with pytest.raises(ConfigError, match="Extra inputs are not permitted"):
+        load_config(write(tmp_path, "stages: [{kind: decode, min_sid: 3}]"))
+
+
+def test_duplicate_stage_names_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(write(tmp_path, "stages: [{kind: decode}, {kind: decode}]"))
+
+
+def test_not_yaml_and_not_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "stages: [unclosed"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="no pipeline file"):
+        load_config("no-such-pipeline")
+
+
+def test_bad_recipe_is_rejected(tmp_path):
+    text = "seeds_catalog: {x: {path: /tmp, recipes: [{method: sample, k: 0}]}}"
+    with pytest.raises(ConfigError, match="seeds_catalog.x.recipes.0.sample.k"):
+        load_config(write(tmp_path, text))
+
+
+def test_seed_names_and_paths(tmp_path, monkeypatch):
+    cfg = load_config("lvd")
+    monkeypatch.setenv("IMAGENET1K_PATH", str(tmp_path))
+    (s,) = resolve_seeds(["imagenet1k"], cfg)
+    assert s.path == str(tmp_path) and s.recipes[0]["k"] == 32
+    folder = tmp_path / "myseeds"
+    folder.mkdir()
+    (p,) = resolve_seeds([str(folder)], cfg)
+    assert p.name == "myseeds" and [r["method"] for r in p.recipes] == ["as_is", "sample"]
+    monkeypatch.delenv("IMAGENET22K_PATH", raising=False)
+    with pytest.raises(ConfigError, match="export IMAGENET22K_PATH"):
+        resolve_seeds(["imagenet22k"], cfg)
+    with pytest.raises(ConfigError, match="Known names: .*imagenet1k.*seeds_catalog"):
+        resolve_seeds(["laion"], cfg)
+
+
+def test_fingerprint_changes_with_output_relevant_settings():
+    a = load_config("smoke")
+    b = load_config("smoke", overrides={"stages": [{"kind": "decode", "min_side": 33}, {"kind": "exact_dedup"}]})
+    assert a.fingerprint() != b.fingerprint()
+    assert a.fingerprint() == load_config("smoke").fingerprint()
