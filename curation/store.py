@@ -184,32 +184,44 @@ class ShardView:
                     dropped = pq.read_table(dp, columns=[schema.UID]).column(schema.UID)
                     uids = uids.filter(pc.invert(pc.is_in(uids, value_set=dropped.combine_chunks())))
         uids = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
-        out = {schema.UID: uids}
-        for col in columns:
-            out[col] = self._column(shard, col, uids)
-        return pa.table(out)
+        return pa.table({schema.UID: uids, **self._columns(shard, columns, uids, len(self.history))})
 
-    def _column(self, shard: int, col: str, uids: pa.Array) -> pa.Array:
-        """Values of ``col`` for ``uids`` from the latest stage that wrote it. Where that stage
-        left a value null (global annotations cover some rows only; a map stage that replaces
-        a column returns null for rows it leaves unchanged), the earlier writer's value shows."""
-        for pos in range(len(self.history) - 1, -1, -1):
+    def _writer(self, col: str, upto: int) -> int | None:
+        for pos in range(upto - 1, -1, -1):
+            if col in self.history[pos].columns:
+                return pos
+        return None
+
+    def _columns(self, shard: int, columns: list[str], uids: pa.Array, upto: int) -> dict[str, pa.Array]:
+        """Values of ``columns`` for ``uids`` from the latest stage (before ``upto``) that wrote
+        each. Every stage file is read once for all the columns it provides. Where that stage
+        left a value null (global annotations cover some rows only; a map stage that replaces a
+        column returns null for rows it leaves unchanged), the earlier writer's value shows."""
+        by_writer: dict[int, list[str]] = {}
+        for col in columns:
+            pos = self._writer(col, upto)
+            if pos is None:
+                raise KeyError(f"no stage wrote column {col!r}; available: {self.available_columns()}")
+            by_writer.setdefault(pos, []).append(col)
+        out: dict[str, pa.Array] = {}
+        for pos, cols in by_writer.items():
             rec = self.history[pos]
-            if col not in rec.columns:
-                continue
             path = self.store.annotations_path(rec, shard) if rec.shape == GLOBAL else self.store.part_path(rec, shard)
-            earlier = ShardView(self.store, self.history[:pos])
-            has_earlier = col in earlier.available_columns()
             if not path.exists():
                 raise FileNotFoundError(f"missing {path} (stage {rec.name}, shard {shard})")
-            t = pq.read_table(path, columns=[schema.UID, col])
+            t = pq.read_table(path, columns=[schema.UID, *cols])
             idx = pc.index_in(uids, value_set=t.column(schema.UID).combine_chunks())
-            values = t.column(col).combine_chunks().take(idx)
-            if values.null_count and has_earlier:
-                prev = earlier._column(shard, col, uids)
-                return pc.if_else(pc.is_null(values), prev, values)
-            return values
-        raise KeyError(f"no stage wrote column {col!r}; available: {self.available_columns()}")
+            needs_fallback = []
+            for col in cols:
+                values = t.column(col).combine_chunks().take(idx)
+                out[col] = values
+                if values.null_count and self._writer(col, pos) is not None:
+                    needs_fallback.append(col)
+            if needs_fallback:
+                prev = self._columns(shard, needs_fallback, uids, pos)
+                for col in needs_fallback:
+                    out[col] = pc.if_else(pc.is_null(out[col]), prev[col], out[col])
+        return {c: out[c] for c in columns}
 
     def shards(self) -> list[int]:
         """Shards that exist at the base stage."""
