@@ -34,6 +34,7 @@ class ImageInfo:
     height: int
     mode: str
     n_frames: int
+    orientation: int = 1
 
 
 # Magic numbers of the formats we accept: the format is sniffed, never taken from the name.
@@ -64,23 +65,30 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Read the header only (no pixel decode): format, size after EXIF rotation, mode."""
+def _check_header(data: bytes) -> None:
     if not data:
         raise DecodeError("zero_bytes", "empty file")
     if sniff_format(data) is None:
         raise DecodeError("not_image", "content is not a known image format")
+
+
+def _info(img: Image.Image, max_pixels: int) -> ImageInfo:
+    w, h = img.size
+    if w * h > max_pixels:
+        raise DecodeError("decompression_bomb", f"{w}x{h} pixels exceeds the cap of {max_pixels}")
+    orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return ImageInfo(img.format, w, h, img.mode, getattr(img, "n_frames", 1), orientation or 1)
+
+
+def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read the header only (no pixel decode): format, size after EXIF rotation, mode."""
+    _check_header(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise DecodeError("decompression_bomb", f"{w}x{h} pixels exceeds the cap of {max_pixels}")
-            orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w
-            return ImageInfo(img.format, w, h, img.mode, getattr(img, "n_frames", 1))
+            return _info(Image.open(io.BytesIO(data)), max_pixels)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -95,25 +103,33 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     Alpha is composited on white (crawled logos and clip art are drawn for white pages);
     animated images contribute their first frame; 16-bit and CMYK are converted.
     """
-    probe(data, max_pixels)
+    return decode_with_info(data, max_pixels)[0]
+
+
+def decode_with_info(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, ImageInfo]:
+    """``decode_rgb`` plus the header facts, from one parse of the file."""
+    _check_header(data)
+    stage = "header"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            info = _info(img, max_pixels)
+            stage = "pixels"
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(img), info
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError("decompression_bomb", str(e)) from None
     except (OSError, SyntaxError, ValueError) as e:
         msg = str(e)
-        reason = "truncated" if "truncated" in msg.lower() or "image file is truncated" in msg else "corrupt"
-        raise DecodeError(reason, f"cannot decode image: {msg}") from None
+        reason = "truncated" if "truncated" in msg.lower() else "corrupt"
+        raise DecodeError(reason, f"cannot decode image ({stage}): {msg}") from None
     except Exception as e:
-        raise DecodeError("corrupt", f"cannot decode image: {type(e).__name__}: {e}") from None
+        raise DecodeError("corrupt", f"cannot decode image ({stage}): {type(e).__name__}: {e}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

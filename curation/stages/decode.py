@@ -8,16 +8,14 @@ re-encoded (PNG for lossless sources, JPEG q95 for lossy ones); the others keep 
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Literal
 
 import pyarrow as pa
-from PIL import Image
 from pydantic import Field
 
 from curation import schema
-from curation.imaging import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb, encode, probe
+from curation.imaging import DEFAULT_MAX_PIXELS, DecodeError, decode_with_info, encode
 from curation.stage import MapStage, Resources, StageConfig
 
 _LOSSY = {"JPEG", "WEBP", "MPO"}
@@ -68,8 +66,7 @@ class DecodeStage(MapStage):
     def _one(self, data: bytes | None):
         cfg = self.config
         try:
-            info = probe(data or b"", cfg.max_pixels)
-            img = decode_rgb(data, cfg.max_pixels)
+            img, info = decode_with_info(data or b"", cfg.max_pixels)
         except DecodeError as e:
             return (None, None, None, None, None, None, e.reason, json.dumps({"error": str(e)[:300]}))
         w, h = img.size
@@ -78,17 +75,19 @@ class DecodeStage(MapStage):
             return (None, info.format, w, h, info.mode, False, "too_small", json.dumps({"width": w, "height": h, "min_side": cfg.min_side}))
         if long_ / short > cfg.max_aspect_ratio:
             return (None, info.format, w, h, info.mode, False, "extreme_aspect", json.dumps({"width": w, "height": h, "max_aspect_ratio": cfg.max_aspect_ratio}))
-        if cfg.normalize and self._needs_normalizing(data, info):
+        if cfg.normalize and self._needs_normalizing(info):
             fmt = "JPEG" if info.format in _LOSSY else "PNG"
             return (encode(img, fmt), fmt, w, h, info.mode, True, None, None)
         return (None, info.format, w, h, info.mode, False, None, None)
 
     @staticmethod
-    def _needs_normalizing(data: bytes, info) -> bool:
-        if info.format not in _PASSTHROUGH_FORMATS or info.mode not in _PASSTHROUGH_MODES or info.n_frames > 1:
-            return True
-        with Image.open(io.BytesIO(data)) as im:
-            return im.getexif().get(0x0112, 1) not in (0, 1)
+    def _needs_normalizing(info) -> bool:
+        return (
+            info.format not in _PASSTHROUGH_FORMATS
+            or info.mode not in _PASSTHROUGH_MODES
+            or info.n_frames > 1
+            or info.orientation not in (0, 1)
+        )
 
 
 STAGE = DecodeStage

@@ -1,0 +1,176 @@
+"""Deterministic work units over every input source.
+
+The plan runs on the driver. It walks folders, scans tar headers and reads Parquet metadata in
+sorted order and cuts the items into units of at most ``shard_size``, numbering shards densely
+over all specs in order, so a re-run of the same inputs yields the same shards and therefore the
+same ``uid``s (``schema.make_uid(shard, row)``) -- which is what lets a killed run resume.
+
+What a path holds is decided as follows:
+
+* a glob (``*``, ``?``, ``[``) that is not itself an existing path: every match, sorted;
+* a folder holding ``.tar`` files: those tar shards (img2dataset also writes a ``.parquet`` of
+  metadata and ``_stats.json`` next to each tar; they are ignored);
+* otherwise a folder holding ``.parquet`` files: those Parquet files;
+* otherwise a folder: the image files in it (recursively);
+* ``.tar``: one tar shard; ``.parquet``: image bytes or URLs, by its columns;
+  ``.txt`` / ``.csv``: a URL list.
+
+A path that does not exist or a file of another kind is an ``IngestError``. A container that
+cannot be read (damaged tar, unreadable Parquet, CSV without a URL column) does not stop the run:
+it becomes a unit of kind ``error`` that yields one ``malformed_shard`` ledger row.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from curation import schema
+from curation.config import IngestConfig
+from curation.ingest import files, parquet, tars, urls
+from curation.ingest.errors import IngestError
+from curation.ingest.url_rules import rules_for
+
+KINDS = ("files", "tar", "parquet", "urls", "error")
+URL_LIST_SUFFIXES = (".txt", ".csv")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    path: str
+    role: str
+    source: str
+    seed_dataset: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    shard: int
+    spec: SourceSpec
+    kind: str
+    location: str
+    items: tuple
+
+    def to_dict(self) -> dict:
+        return {"shard": self.shard, "spec": asdict(self.spec), "kind": self.kind, "location": self.location, "items": list(self.items)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorkUnit":
+        return cls(
+            shard=int(d["shard"]),
+            spec=SourceSpec(**d["spec"]),
+            kind=d["kind"],
+            location=d["location"],
+            items=tuple(d["items"]),
+        )
+
+
+def plan_units(specs: list[SourceSpec], cfg: IngestConfig) -> list[WorkUnit]:
+    """Cut every spec into work units; raises ``IngestError`` for paths that cannot be planned."""
+    rules_for(cfg.url_rules)  # a bad blocklist or regex stops the run here, on the driver
+    units: list[WorkUnit] = []
+    for spec in specs:
+        if spec.role not in schema.ROLES:
+            raise IngestError(f"{spec.source}: role {spec.role!r} is not one of {', '.join(schema.ROLES)}")
+        before = len(units)
+        for kind, location, items in _spec_chunks(spec, cfg):
+            units.append(WorkUnit(len(units), spec, kind, location, tuple(items)))
+        if len(units) == before:
+            raise IngestError(f"{spec.source}: {spec.path} holds no input items")
+    return units
+
+
+def _spec_chunks(spec: SourceSpec, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+    for path in _resolve(spec):
+        for kind, location, items in _path_items(path, cfg):
+            if kind == "error":
+                yield kind, location, items
+                continue
+            for start in range(0, len(items), cfg.shard_size):
+                yield kind, location, items[start : start + cfg.shard_size]
+
+
+def _resolve(spec: SourceSpec) -> list[str]:
+    raw = os.path.expanduser(spec.path)
+    if os.path.exists(raw):
+        return [os.path.abspath(raw)]
+    if _GLOB_CHARS & set(raw):
+        matches = sorted(os.path.abspath(p) for p in glob.glob(raw, recursive=True))
+        if not matches:
+            raise IngestError(f"{spec.source}: no files match {spec.path!r}")
+        return matches
+    raise IngestError(f"{spec.source}: input path does not exist: {spec.path}")
+
+
+def _path_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+    if os.path.isdir(path):
+        yield from _folder_items(path, cfg)
+        return
+    suffix = Path(path).suffix.lower()
+    if suffix == ".tar":
+        yield from _tar_items(path)
+    elif suffix == ".parquet":
+        yield from _parquet_items(path, cfg)
+    elif suffix in URL_LIST_SUFFIXES:
+        yield from _url_list_items(path, cfg)
+    else:
+        raise IngestError(
+            f"{path}: unknown input kind {suffix or '(no extension)'!r}; give a folder, a .tar shard, "
+            "a .parquet file, or a URL list (.txt / .csv)"
+        )
+
+
+def _folder_items(root: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+    listed = files.list_files(Path(root))
+    shards = [rel for rel in listed if rel.lower().endswith(".tar")]
+    if shards:
+        for rel in shards:
+            yield from _tar_items(files.source_key(root, rel))
+        return
+    tables = [rel for rel in listed if rel.lower().endswith(".parquet")]
+    if tables:
+        for rel in tables:
+            yield from _parquet_items(files.source_key(root, rel), cfg)
+        return
+    if listed:
+        yield "files", root, listed
+
+
+def _error(location: str, message: str) -> tuple[str, str, list]:
+    return "error", location, [{"error": message}]
+
+
+def _tar_items(path: str) -> Iterator[tuple[str, str, list]]:
+    samples, error = tars.scan_tar(path)
+    if samples:
+        yield "tar", path, samples
+    if error is not None:
+        yield _error(path, error)
+
+
+def _parquet_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+    try:
+        layout = parquet.inspect(path, cfg)
+        if layout.kind == "urls":
+            yield "urls", path, parquet.read_urls(path, layout.column)
+            return
+    except Exception as e:  # unreadable file or row data: one malformed_shard row
+        yield _error(path, str(e))
+        return
+    yield "parquet", path, list(range(layout.num_rows))
+
+
+def _url_list_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+    try:
+        if path.lower().endswith(".csv"):
+            items = urls.read_csv(path, cfg.url_column)
+        else:
+            items = urls.read_txt(path)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        yield _error(path, f"cannot read URL list: {e}")
+        return
+    yield "urls", path, items
