@@ -1,0 +1,175 @@
+"""Training and inference speed of the trainer's ViT: fused SDPA vs the math kernel, packed vs
+separate crop passes, skip-compute vs masked stochastic depth.
+
+Training step = student backbone forward on a DINO multi-crop batch (2 global + N local crops
+per image, iBOT masks on the global crops) + backward; inference = class and patch tokens of one
+224 px view without gradients. Figures are images per second (an image = all of its crops for
+training). Ratios compare two settings measured in the same run.
+
+    python benchmarks/train_speed.py            # ViT-S/8 and ViT-S/14 at 224/96 (GPU)
+    python benchmarks/train_speed.py --quick    # small widths and crops (CPU, a few minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from curation.train.vit import VisionTransformer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-").lower()
+    return f"cpu-{platform.machine()}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "uncommitted"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup: int, iters: int) -> float:
+    """Seconds per call (median of ``iters`` calls after ``warmup``)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def make_vit(spec: dict, patch: int, global_size: int, attention: str, packing: bool, skip: bool, drop: float) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(
+        img_size=global_size, patch_size=patch, embed_dim=spec["dim"], depth=spec["depth"], num_heads=spec["heads"],
+        drop_path_rate=drop, skip_drop_compute=skip, attention=attention, packing=packing,
+    )
+
+
+def bench_model(name: str, patch: int, args, device: torch.device, dtype) -> list[dict]:
+    spec = {"dim": args.dim, "depth": args.depth, "heads": args.heads}
+    g = round(args.global_size / patch) * patch  # 224 for /8 and /14
+    l = round(args.local_size / patch) * patch  # 96 for /8, 98 for /14 (as DINOv2)
+    b, n_local = args.batch, args.n_local
+    globals_ = torch.randn(2 * b, 3, g, g, device=device)
+    locals_ = torch.randn(n_local * b, 3, l, l, device=device)
+    grid = g // patch
+    masks = torch.rand(2 * b, grid * grid, device=device) < 0.3
+    masks[b:] = False  # half the global crops masked, as DINOv2
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
+    rows = []
+    for attention, packing, skip in itertools.product(("default", "math"), (False, True), (True, False)):
+        vit = make_vit(spec, patch, g, attention, packing, skip, args.drop_path).to(device).train()
+
+        def train_step():
+            with autocast:
+                outs = vit.forward_features_list([globals_, locals_], [masks, None], [2, n_local])
+                loss = sum(o["cls"].float().mean() + o["patches"].float().mean() for o in outs)
+            loss.backward()
+            vit.zero_grad(set_to_none=True)
+
+        sec = timed(train_step, device, args.warmup, args.iters)
+        rows.append({"model": name, "mode": "train", "attention": attention, "packing": packing, "skip_drop": skip,
+                     "images_per_s": b / sec, "ms_per_step": 1000 * sec})
+        print(f"{name:10s} train attention={attention:7s} packing={packing!s:5s} skip_drop={skip!s:5s} {b / sec:9.1f} img/s")
+    for attention in ("default", "math"):
+        vit = make_vit(spec, patch, g, attention, False, True, 0.0).to(device).eval()
+        x = torch.randn(args.infer_batch, 3, g, g, device=device)
+
+        @torch.no_grad()
+        def infer():
+            with autocast:
+                vit.forward_features(x)
+
+        sec = timed(infer, device, args.warmup, args.iters)
+        rows.append({"model": name, "mode": "inference", "attention": attention, "packing": False, "skip_drop": None,
+                     "images_per_s": args.infer_batch / sec, "ms_per_step": 1000 * sec})
+        print(f"{name:10s} infer attention={attention:7s} {args.infer_batch / sec:9.1f} img/s")
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Pairs that differ in one setting, others held at the DINOv2 choice (fused, skip-compute)."""
+    def find(**kw):
+        return next(r["images_per_s"] for r in rows if all(r[k] == v for k, v in kw.items()))
+
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        for packing in (False, True):
+            out.append({"model": model, "what": f"train: fused SDPA / math (packing={packing})",
+                        "ratio": find(model=model, mode="train", attention="default", packing=packing, skip_drop=True)
+                        / find(model=model, mode="train", attention="math", packing=packing, skip_drop=True)})
+        out.append({"model": model, "what": "inference: fused SDPA / math",
+                    "ratio": find(model=model, mode="inference", attention="default") / find(model=model, mode="inference", attention="math")})
+        for attention in ("default", "math"):
+            out.append({"model": model, "what": f"train: packed / separate ({attention})",
+                        "ratio": find(model=model, mode="train", attention=attention, packing=True, skip_drop=True)
+                        / find(model=model, mode="train", attention=attention, packing=False, skip_drop=True)})
+        out.append({"model": model, "what": "train: skip-compute / masked stochastic depth",
+                    "ratio": find(model=model, mode="train", attention="default", packing=False, skip_drop=True)
+                    / find(model=model, mode="train", attention="default", packing=False, skip_drop=False)})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small widths and crops, for a CPU")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="images per training step")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on CUDA")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        defaults = dict(dim=96, depth=4, heads=3, global_size=64, local_size=32, n_local=4, batch=8, infer_batch=16, iters=5, warmup=2)
+    else:
+        defaults = dict(dim=384, depth=12, heads=6, global_size=224, local_size=96, n_local=8, batch=32, infer_batch=128, iters=20, warmup=5)
+    for k, v in defaults.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.drop_path = 0.4  # DINOv2 ViT-g rate; the skip saves ~this share of branch compute
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision) if device.type == "cuda" else None
+    rows = bench_model("ViT-S/8", 8, args, device, dtype) + bench_model("ViT-S/14", 14, args, device, dtype)
+    table = ratios(rows)
+    print("\n| model | comparison | ratio |\n|---|---|---|")
+    for r in table:
+        print(f"| {r['model']} | {r['what']} | {r['ratio']:.2f} |")
+    result = {
+        "benchmark": "train_speed", "device": device_name(device), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "commit": git_commit(), "torch": torch.__version__, "quick": args.quick,
+        "settings": {k: getattr(args, k) for k in ("dim", "depth", "heads", "global_size", "local_size", "n_local", "batch", "infer_batch", "iters", "warmup", "drop_path", "precision")},
+        "rows": rows, "ratios": table,
+        "note": "crop sizes are rounded to a multiple of the patch (local 98 for /14); CPU figures are timed on a shared machine",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"train_speed-{device_name(device)}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
