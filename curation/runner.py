@@ -26,6 +26,7 @@ from curation import schema
 from curation.catalog import ResolvedSet, resolve_excludes, resolve_seeds
 from curation.config import PipelineConfig
 from curation.ledger import DROPPED, KEPT, LEDGER_BASE_COLUMNS, ledger_rows
+from curation.metrics import record_stage_shard
 from curation.stage import GlobalStage, MapStage, Stage, StageContext, StageError, stage_class
 from curation.store import (
     GLOBAL,
@@ -114,6 +115,7 @@ def ingest_shard(run_dir: str, record: dict, unit: dict, ingest_cfg: dict) -> di
     write_parquet_atomic(kept, store.part_path(rec, wu.shard))
     stats = _stats(table.num_rows, kept.num_rows, ledger, time.perf_counter() - t0)
     store.mark_shard_done(rec, wu.shard, stats)
+    record_stage_shard(rec.name, {**stats, "bytes": int(pc.sum(pc.binary_length(kept.column(schema.BYTES))).as_py() or 0)})
     return stats
 
 
@@ -198,6 +200,7 @@ def map_shard(stage: MapStage, spec: StageSpec, store: RunStore, shard: int) -> 
     write_parquet_atomic(kept, store.part_path(rec, shard))
     stats = _stats(table.num_rows, kept.num_rows, ledger, time.perf_counter() - t0)
     store.mark_shard_done(rec, shard, stats)
+    record_stage_shard(rec.name, stats)
     return stats
 
 
@@ -263,6 +266,7 @@ def run_global(spec: dict, run_dir: str, shards: list[int]) -> dict:
         "summary": result.summary,
     }
     store.mark_stage_done(rec, stats)
+    record_stage_shard(rec.name, stats)
     return stats
 
 
@@ -331,6 +335,7 @@ def emit_shard(run_dir: str, spec: dict, shard: int, as_is: list[str], has_retri
         out_path.unlink()
     stats = _stats(n, kept.num_rows, ledger_drop, time.perf_counter() - t0)
     store.mark_shard_done(rec, shard, stats)
+    record_stage_shard(rec.name, stats)
     return stats
 
 
