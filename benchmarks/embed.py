@@ -22,13 +22,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import device_name, git_commit  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -37,20 +36,8 @@ sys.path.insert(0, str(ROOT))
 GPU_MODELS = ["vit_large_patch14_dinov2.lvd142m", "vit_huge_patch14_gap_224.in22k_ijepa"]
 
 
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0).replace(" ", "_")
-    return f"cpu{os.cpu_count()}-{platform.machine()}"
 
 
-def git_commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-    if head.returncode != 0:
-        return "uncommitted"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def read_jpegs(limit: int) -> list[bytes]:

@@ -22,13 +22,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from common import device_name, git_commit  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -140,19 +139,8 @@ def best_of(n: int, fn) -> dict:
     return {**best, "all_seconds": [round(r["seconds"], 4) for r in runs]}
 
 
-def git_commit() -> str:
-    try:
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        if head.returncode != 0:
-            return "uncommitted"
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except OSError:
-        return "uncommitted"
 
 
-def device_name() -> str:
-    return f"cpu{os.cpu_count()}-{platform.machine()}"
 
 
 def main() -> int:

@@ -16,31 +16,19 @@ import argparse
 import datetime as dt
 import itertools
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from curation.train.vit import VisionTransformer
+from common import device_name, git_commit  # noqa: E402  (benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "-").lower()
-    return f"cpu-{platform.machine()}"
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
-        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "uncommitted"
 
 
 def sync(device: torch.device) -> None:
