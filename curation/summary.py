@@ -10,10 +10,13 @@ def summary_table(manifest: dict) -> Table:
     t = Table(title=f"curation run: {manifest['run_dir']}")
     for col in ("stage", "in", "out", "dropped (reason: n)", "seconds", "images/s"):
         t.add_column(col, justify="right" if col in ("in", "out", "seconds", "images/s") else "left")
+    not_applied = {name for name, rep in manifest.get("stage_reports", {}).items() if rep.get("applied") is False}
     for s in manifest["stages"]:
         secs = float(s.get("wall_seconds") or s.get("seconds") or 0.0)
         rate = f"{s['in'] / secs:,.0f}" if secs > 0 else "-"
         drops = ", ".join(f"{r}: {n}" for r, n in sorted(s.get("dropped", {}).items())) or "-"
+        if s["stage"] in not_applied:
+            drops = "[bold red]NOT APPLIED[/bold red]"
         t.add_row(s["stage"], f"{s['in']:,}", f"{s['out']:,}", drops, f"{secs:.2f}", rate)
     return t
 

@@ -1,0 +1,158 @@
+"""Score every image with an NSFW classifier and drop those at or above a threshold.
+
+The default threshold, 0.8, is the Open-NSFW authors' own guidance (scores above 0.8 are NSFW
+with high probability, below 0.2 safe); a lower value removes more borderline images.
+
+Missing weights stop the run in ``preflight`` with instructions, unless the run was started with
+``--allow-missing-weights``: then every row passes unscored (``nsfw_score`` null) and the
+manifest says that NSFW filtering was NOT applied. ``enabled: false`` skips the stage outright.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from curation import schema
+from curation.imaging import DecodeError, decode_rgb
+from curation.safety.device import torch_device_name, wants_gpu
+from curation.safety.nsfw import NsfwBackend, available_backends, backend_class
+from curation.stage import MapStage, Resources, StageConfig, StageError
+
+NSFW_SCORE = "nsfw_score"
+NSFW_REASON = "nsfw"
+
+
+class Config(StageConfig):
+    kind: Literal["nsfw"] = "nsfw"
+    threshold: float = Field(
+        0.8, ge=0, description="images scoring at or above this are dropped (above 1: score only, drop nothing)"
+    )
+    batch_size: int = Field(64, ge=1, description="images per model call")
+    weights: Path | None = Field(None, description="weights file; null: the backend's own default location")
+    backend: str = Field("opennsfw2", description="NSFW classifier (see curation.safety.nsfw)")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in available_backends():
+            raise ValueError(f"unknown NSFW backend {v!r}; available: {', '.join(available_backends())}")
+        return v
+
+
+class NsfwStage(MapStage):
+    kind = "nsfw"
+    Config = Config
+    roles = (schema.POOL, schema.SEED)
+
+    @property
+    def backend_cls(self) -> type[NsfwBackend]:
+        return backend_class(self.config.backend)
+
+    @property
+    def weights_path(self) -> Path:
+        w = self.config.weights
+        return Path(w).expanduser() if w is not None else self.backend_cls.default_weights_path()
+
+    def weights_problem(self) -> str | None:
+        return self.backend_cls.weights_problem(self.weights_path)
+
+    def not_applied_warning(self, problem: str) -> str:
+        return f"NSFW filtering was NOT applied: {problem} (the run was started with --allow-missing-weights)"
+
+    # -- contract -----------------------------------------------------------------------------
+    def input_columns(self) -> tuple[str, ...]:
+        return (schema.ROLE, schema.BYTES)
+
+    def output_schema(self) -> pa.Schema:
+        return pa.schema([pa.field(NSFW_SCORE, pa.float32())])
+
+    def resources(self) -> Resources:
+        gpu = wants_gpu(self.context.cluster_gpus)
+        workers = max(1, self.context.cluster_gpus if gpu else self.context.cluster_cpus)
+        return Resources(num_cpus=1.0, num_gpus=1.0 if gpu else 0.0, concurrency=(1, workers), batch_size=self.config.batch_size)
+
+    def preflight(self) -> list[str]:
+        problem = self.weights_problem()
+        if problem is None:
+            return []
+        if self.context.allow_missing_weights:
+            return [self.not_applied_warning(problem)]
+        raise StageError(self._missing_weights_help(problem))
+
+    def manifest_section(self) -> dict[str, Any]:
+        problem = self.weights_problem()
+        if problem is not None and self.context.allow_missing_weights:
+            return {"applied": False, "warning": self.not_applied_warning(problem)}
+        return {
+            "applied": True,
+            "backend": self.config.backend,
+            "model": self.backend_cls.description,
+            "threshold": self.config.threshold,
+            "weights": str(self.weights_path),
+        }
+
+    def setup(self) -> None:
+        self._backend: NsfwBackend | None = None
+        problem = self.weights_problem()
+        if problem is not None:
+            if self.context.allow_missing_weights:
+                return  # rows pass unscored; the manifest says so
+            raise StageError(self._missing_weights_help(problem))
+        self._backend = self.backend_cls(self.weights_path, torch_device_name())
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        scores: list[float | None] = [None] * n
+        reasons: list[str | None] = [None] * n
+        details: list[str | None] = [None] * n
+        if self._backend is not None:
+            self._score(batch, scores, reasons, details)
+        return pa.table(
+            {
+                NSFW_SCORE: pa.array(scores, pa.float32()),
+                schema.DROP_REASON: pa.array(reasons, pa.string()),
+                schema.DROP_DETAILS: pa.array(details, pa.string()),
+            }
+        )
+
+    # -- internals ----------------------------------------------------------------------------
+    def _score(self, batch: pa.Table, scores: list, reasons: list, details: list) -> None:
+        data = batch.column(schema.BYTES).to_pylist()
+        roles = batch.column(schema.ROLE).to_pylist() if schema.ROLE in batch.column_names else [schema.POOL] * batch.num_rows
+        rows, inputs = [], []
+        for i, (blob, role) in enumerate(zip(data, roles)):
+            if role not in self.roles:
+                continue
+            try:
+                inputs.append(self._backend.preprocess(decode_rgb(blob)))
+                rows.append(i)
+            except DecodeError as e:
+                reasons[i], details[i] = e.reason, json.dumps({"error": str(e)})
+        threshold = self.config.threshold
+        for start in range(0, len(rows), self.config.batch_size):
+            chunk = rows[start : start + self.config.batch_size]
+            probs = self._backend.predict(np.stack(inputs[start : start + len(chunk)]))
+            for i, p in zip(chunk, probs):
+                score = float(np.float32(p))
+                scores[i] = score
+                if score >= threshold:
+                    reasons[i] = NSFW_REASON
+                    details[i] = json.dumps({"score": round(score, 6), "threshold": threshold}, sort_keys=True)
+
+    def _missing_weights_help(self, problem: str) -> str:
+        cls = self.backend_cls
+        return (
+            f"stage {self.name!r} ({cls.name}): {problem}. To fix: {cls.download_hint()} and put it at "
+            f"{cls.default_weights_path()}, or set `weights: /path/to/file` in this stage's entry of the "
+            f"pipeline YAML. To run without NSFW filtering, set `enabled: false` on the stage or pass "
+            f"--allow-missing-weights (the manifest will then say NSFW filtering was NOT applied)."
+        )
+
+
+STAGE = NsfwStage
