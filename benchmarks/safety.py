@@ -29,14 +29,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import device_name, git_commit  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -44,20 +43,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0).replace(" ", "_")
-    return f"cpu{os.cpu_count()}-{platform.machine()}"
 
 
-def git_commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-    if head.returncode != 0:
-        return "uncommitted"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def read_photos(limit: int) -> list[bytes]:
