@@ -80,6 +80,23 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_stages(args) -> int:
+    """Every stage kind with its options, read from the stage's pydantic Config."""
+    from curation.stage import available_kinds, stage_class
+
+    for kind in available_kinds():
+        cls = stage_class(kind)
+        doc = (cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip().split("\n")[0]
+        print(f"{kind}: {doc}")
+        for name, field in cls.Config.model_fields.items():
+            if name in ("kind", "name", "enabled"):
+                continue
+            default = field.default if field.default_factory is None else field.default_factory()
+            desc = f"  -- {field.description}" if field.description else ""
+            print(f"    {name} = {default!r}{desc}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from curation.demo import run_demo
 
@@ -131,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None)
     p.add_argument("--address", default=None)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("stages", help="list every stage kind and its options (the YAML reference)")
+    p.set_defaults(func=cmd_stages)
 
     p = sub.add_parser("demo", help="generate a small crawl (served on 127.0.0.1) and curate it")
     p.add_argument("--out", default="demo-run")
