@@ -1,0 +1,80 @@
+"""Copy-detection self-deduplication of the pool, as published for LVD-142M.
+
+Every pool image's copy-detection descriptor (e.g. SSCD, 512-d, L2-normalised) is searched for
+its k = 64 nearest neighbours; pairs with cosine similarity above 0.6 are edges; connected
+components of that graph are groups of copies and one image per group is kept: the largest
+width*height, ties by the smallest uid. Seed and evaluation images pass through untouched (seeds
+are curated on purpose; evaluation images are handled by ``decontaminate``). Every drop names
+its kept representative and their cosine similarity.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from curation import schema
+from curation.dedup.components import connected_components
+from curation.dedup.descriptors import descriptor_matrix, normalize_rows
+from curation.dedup.groups import duplicate_drops, role_mask, rows_of
+from curation.dedup.knn_graph import knn_edges
+from curation.dedup.settings import IndexSettings
+from curation.stage import GlobalResult, GlobalStage, Resources, StageConfig
+
+
+class CopyDedupConfig(StageConfig):
+    kind: Literal["copy_dedup"] = "copy_dedup"
+    descriptor: str = Field("sscd_descriptor", description="copy-detection descriptor column written by an `embed` stage")
+    k: int = Field(64, ge=1, description="nearest neighbours searched per image")
+    threshold: float = Field(0.6, ge=-1, le=1, description="cosine similarity above which two images are copies")
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    reason: str = "near_duplicate"
+    num_cpus: float = Field(1, gt=0, description="CPUs reserved for the global task (faiss still uses every core of its node)")
+
+
+class CopyDedupStage(GlobalStage):
+    kind = "copy_dedup"
+    Config = CopyDedupConfig
+    roles = (schema.POOL,)
+
+    def input_columns(self):
+        return (schema.ID, schema.SOURCE_KEY, schema.WIDTH, schema.HEIGHT, self.config.descriptor)
+
+    def resources(self) -> Resources:
+        gpus = 1.0 if self.context.cluster_gpus > 0 and self.config.index.gpu != "never" else 0.0
+        return Resources(num_cpus=self.config.num_cpus, num_gpus=gpus)
+
+    def run(self, table: pa.Table) -> GlobalResult:
+        cfg, t0 = self.config, time.perf_counter()
+        x, valid = descriptor_matrix(table.column(cfg.descriptor), cfg.descriptor)
+        is_pool = role_mask(table, schema.POOL)
+        mask = is_pool & valid
+        rows = rows_of(table, mask)
+        x = normalize_rows(x[mask])
+        graph = knn_edges(x, cfg.k, cfg.threshold, cfg.index.options(self.context.seed))
+        labels = connected_components(len(rows), graph.src, graph.dst)
+        drops, counts = duplicate_drops(
+            rows, labels, cfg.reason, "similarity", lambda d, k: np.einsum("nd,nd->n", x[d], x[k])
+        )
+        summary = {
+            "rows": int(len(rows)),
+            "skipped_not_pool": int((~is_pool).sum()),
+            "skipped_no_descriptor": int((is_pool & ~valid).sum()),
+            "edges": graph.num_edges,
+            "components": counts["groups"],
+            "dropped": counts["dropped"],
+            "largest_group": counts["largest_group"],
+            "k": cfg.k,
+            "threshold": cfg.threshold,
+            "index": graph.index,
+            "graph_seconds": round(graph.seconds, 3),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return GlobalResult(drops, summary=summary)
+
+
+STAGE = CopyDedupStage
