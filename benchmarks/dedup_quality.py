@@ -36,10 +36,7 @@ import argparse
 import datetime as dt
 import io
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +58,7 @@ from curation.dedup.pca_hash import fit_pca, sign_codes  # noqa: E402
 from curation.imaging import decode_rgb  # noqa: E402
 from curation.stages.phash import image_hash  # noqa: E402
 from curation.stages.phash_dedup import PhashDedupConfig  # noqa: E402
+from common import device_name, git_commit  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 # -- transformations -----------------------------------------------------------------------
@@ -374,16 +372,8 @@ def imagededup_methods(folder: Path, items: list[dict], truth: set, thresholds: 
 
 
 # -- report --------------------------------------------------------------------------------
-def device_name() -> str:
-    return f"cpu{os.cpu_count()}-{platform.machine()}"
 
 
-def git_commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    if head.returncode != 0:
-        return "uncommitted"
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def print_table(results: list[dict]) -> None:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from curation.dedup.knn_graph import IndexOptions
+from curation.stage import Resources, StageConfig
 
 
 class IndexSettings(BaseModel):
@@ -37,3 +38,26 @@ class IndexSettings(BaseModel):
             max_vectors_per_shard=self.max_vectors_per_shard,
             seed=seed,
         )
+
+
+class DedupStageConfig(StageConfig):
+    """Fields every global deduplication stage has."""
+
+    reason: str = Field(description="ledger reason of dropped rows")
+    num_cpus: float = Field(1, gt=0, description="CPUs reserved for the global task (faiss still uses every core of its node)")
+
+
+class KnnGraphConfig(DedupStageConfig):
+    """A stage that links images through a k-NN graph of descriptors (copy detection,
+    decontamination): the published k = 64 over SSCD descriptors."""
+
+    descriptor: str = Field("sscd_descriptor", description="copy-detection descriptor column written by an `embed` stage")
+    k: int = Field(64, ge=1, description="nearest neighbours searched per image")
+    threshold: float = Field(ge=-1, le=1, description="cosine similarity above which two images are linked")
+    index: IndexSettings = Field(default_factory=IndexSettings)
+
+
+def knn_resources(config: KnnGraphConfig, context) -> Resources:
+    """One GPU when the cluster has one and the index may use it."""
+    gpus = 1.0 if context.cluster_gpus > 0 and config.index.gpu != "never" else 0.0
+    return Resources(num_cpus=config.num_cpus, num_gpus=gpus)

@@ -22,18 +22,14 @@ from curation.dedup.components import connected_components
 from curation.dedup.descriptors import descriptor_matrix, normalize_rows
 from curation.dedup.groups import duplicate_drops, role_mask, rows_of
 from curation.dedup.knn_graph import knn_edges
-from curation.dedup.settings import IndexSettings
-from curation.stage import GlobalResult, GlobalStage, Resources, StageConfig
+from curation.dedup.settings import KnnGraphConfig, knn_resources
+from curation.stage import GlobalResult, GlobalStage, Resources
 
 
-class CopyDedupConfig(StageConfig):
+class CopyDedupConfig(KnnGraphConfig):
     kind: Literal["copy_dedup"] = "copy_dedup"
-    descriptor: str = Field("sscd_descriptor", description="copy-detection descriptor column written by an `embed` stage")
-    k: int = Field(64, ge=1, description="nearest neighbours searched per image")
     threshold: float = Field(0.6, ge=-1, le=1, description="cosine similarity above which two images are copies")
-    index: IndexSettings = Field(default_factory=IndexSettings)
     reason: str = "near_duplicate"
-    num_cpus: float = Field(1, gt=0, description="CPUs reserved for the global task (faiss still uses every core of its node)")
 
 
 class CopyDedupStage(GlobalStage):
@@ -45,8 +41,7 @@ class CopyDedupStage(GlobalStage):
         return (schema.ID, schema.SOURCE_KEY, schema.WIDTH, schema.HEIGHT, self.config.descriptor)
 
     def resources(self) -> Resources:
-        gpus = 1.0 if self.context.cluster_gpus > 0 and self.config.index.gpu != "never" else 0.0
-        return Resources(num_cpus=self.config.num_cpus, num_gpus=gpus)
+        return knn_resources(self.config, self.context)
 
     def run(self, table: pa.Table) -> GlobalResult:
         cfg, t0 = self.config, time.perf_counter()

@@ -22,22 +22,19 @@ from curation.dedup.components import connected_components
 from curation.dedup.descriptors import descriptor_matrix, normalize_rows
 from curation.dedup.groups import role_mask, rows_of
 from curation.dedup.knn_graph import knn_edges
-from curation.dedup.settings import IndexSettings
-from curation.stage import GlobalResult, GlobalStage, Resources, StageConfig, empty_drops, make_drops
+from curation.dedup.settings import KnnGraphConfig, knn_resources
+from curation.stage import GlobalResult, GlobalStage, Resources, empty_drops, make_drops
 from retrieval.index import KnnIndex, SearchParams
 
 # Evaluation images considered when naming the one a dropped image is closest to.
 _NEAREST_EVAL_CANDIDATES = 16
 
 
-class DecontaminateConfig(StageConfig):
+class DecontaminateConfig(KnnGraphConfig):
     kind: Literal["decontaminate"] = "decontaminate"
     descriptor: str = Field("sscd_descriptor", description="copy-detection descriptor column (pool and exclude rows)")
-    k: int = Field(64, ge=1, description="nearest neighbours searched per image")
     threshold: float = Field(0.45, ge=-1, le=1, description="cosine similarity above which images are linked")
-    index: IndexSettings = Field(default_factory=IndexSettings)
     reason: str = "eval_contamination"
-    num_cpus: float = Field(1, gt=0, description="CPUs reserved for the global task (faiss still uses every core of its node)")
 
 
 class DecontaminateStage(GlobalStage):
@@ -49,8 +46,7 @@ class DecontaminateStage(GlobalStage):
         return (schema.ID, schema.SOURCE_KEY, self.config.descriptor)
 
     def resources(self) -> Resources:
-        gpus = 1.0 if self.context.cluster_gpus > 0 and self.config.index.gpu != "never" else 0.0
-        return Resources(num_cpus=self.config.num_cpus, num_gpus=gpus)
+        return knn_resources(self.config, self.context)
 
     def run(self, table: pa.Table) -> GlobalResult:
         cfg, t0 = self.config, time.perf_counter()

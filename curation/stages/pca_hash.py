@@ -22,10 +22,11 @@ from curation.dedup.components import connected_components
 from curation.dedup.descriptors import descriptor_matrix, normalize_rows
 from curation.dedup.groups import duplicate_drops, role_mask, rows_of
 from curation.dedup.pca_hash import fit_pca, sign_codes
-from curation.stage import GlobalResult, GlobalStage, Resources, StageConfig, empty_drops
+from curation.dedup.settings import DedupStageConfig
+from curation.stage import GlobalResult, GlobalStage, Resources, empty_drops
 
 
-class PcaHashConfig(StageConfig):
+class PcaHashConfig(DedupStageConfig):
     kind: Literal["pca_hash"] = "pca_hash"
     descriptor: str = Field("pixels_descriptor", description="descriptor column (fixed-size list of floats) to hash")
     # 64 bits within radius 2 on the 32x32 pixel descriptor: precision 0.998 on real photos with
@@ -36,7 +37,6 @@ class PcaHashConfig(StageConfig):
     normalize: bool = Field(True, description="L2-normalise descriptors before the PCA")
     index: Literal["auto", "flat", "multihash"] = "auto"
     reason: str = "pca_hash_duplicate"
-    num_cpus: float = Field(1, gt=0, description="CPUs reserved for the global task (faiss still uses every core of its node)")
 
     @model_validator(mode="after")
     def _bits_multiple_of_8(self) -> "PcaHashConfig":

@@ -21,17 +21,17 @@ from curation.dedup.binary import hamming, hamming_pairs, uint64_to_codes
 from curation.dedup.components import connected_components
 from curation.dedup.groups import duplicate_drops, role_mask, rows_of
 from curation.stages.phash import flip_column
-from curation.stage import GlobalResult, GlobalStage, Resources, StageConfig
+from curation.dedup.settings import DedupStageConfig
+from curation.stage import GlobalResult, GlobalStage, Resources
 
 
-class PhashDedupConfig(StageConfig):
+class PhashDedupConfig(DedupStageConfig):
     kind: Literal["phash_dedup"] = "phash_dedup"
     column: str = Field("phash", description="uint64 hash column written by a `phash` stage")
     radius: int = Field(6, ge=0, le=32, description="largest Hamming distance (of 64 bits) counted as a duplicate")
     flip: bool = Field(True, description="also match against mirrored hashes (`<column>_flip`, written by `phash` with flip: true)")
     index: Literal["auto", "flat", "multihash"] = Field("auto", description="binary index: exact flat, multi-index hashing, or by N")
-    reason: str = Field("phash_duplicate", description="ledger reason of dropped rows")
-    num_cpus: float = Field(1, gt=0, description="CPUs reserved for the global task (faiss still uses every core of its node)")
+    reason: str = "phash_duplicate"
 
 
 class PhashDedupStage(GlobalStage):
