@@ -222,3 +222,24 @@ def test_config_rejects_impossible_values():
     with pytest.raises(ValidationError):
         Config(method="swirl")
     assert STAGE(Config(), StageContext(run_dir=Path("."), stage_dir=Path("s"))).manifest_section()["applied"] is True
+
+
+@pytest.mark.parametrize("name", ["n04204347_shopping_cart.JPEG", "n04336792_stretcher.JPEG"])
+def test_faces_revealed_by_blurring_are_blurred_too(stage, shared_data, name):
+    """In these photos MTCNN finds a further face only once the strongest ones are blurred
+    (found by re-running the detector on a full run's output); the stage looks again until
+    nothing is left, so the emitted image has no face above the threshold."""
+    data = (shared_data / "seeds_imagenet" / name).read_bytes()
+    (row,) = stage.process(batch_of([data])).to_pylist()
+    first_pass = stage._detector.detect([decode_rgb(data)])[0]
+    assert row["drop_reason"] is None
+    assert row["faces"] > len(first_pass)
+    assert len(stage._detector.detect([decode_rgb(row["bytes"])])[0]) == 0
+
+
+def test_an_image_whose_faces_survive_every_round_is_dropped(tmp_path, shared_data):
+    one_round = make_stage(tmp_path, max_rounds=1)
+    data = (shared_data / "seeds_imagenet" / "n04204347_shopping_cart.JPEG").read_bytes()
+    (row,) = one_round.process(batch_of([data])).to_pylist()
+    assert row["drop_reason"] == "faces_remain"
+    assert json.loads(row["drop_details"])["rounds"] == 1

@@ -34,6 +34,11 @@ class Config(StageConfig):
     gaussian_radius: float = Field(0.15, gt=0, description="Gaussian radius as a fraction of the blurred region's longer side")
     pixel_blocks: int = Field(8, ge=1, le=64, description="pixelation: blocks across the blurred region's longer side")
     batch_size: int = Field(32, ge=1, description="images handed to one process() call")
+    max_rounds: int = Field(
+        3, ge=1, le=10,
+        description="detect-and-blur rounds: once the strongest faces are blurred MTCNN can find faces it "
+        "missed, so blurred images are checked again; an image with a face left after the last round is dropped (faces_remain)",
+    )
 
 
 class FaceBlurStage(MapStage):
@@ -100,10 +105,29 @@ class FaceBlurStage(MapStage):
             except DecodeError as e:
                 reasons[i], details[i] = e.reason, json.dumps({"error": str(e)})
         found = self._detector.detect(list(images.values())) if images else []
+        pending = {}
         for i, f in zip(images, found):
             faces[i], boxes[i], probs[i] = len(f), f.boxes.tolist(), f.probs.tolist()
             if len(f):
+                pending[i] = f
+        # Blur, then look again at exactly what will be emitted: removing the strongest faces can
+        # reveal faces the cascade suppressed. Images without faces are not re-checked: the same
+        # detector on the same bytes finds the same nothing.
+        for round_ in range(self.config.max_rounds):
+            for i, f in pending.items():
                 out_bytes[i], formats[i] = self._blur(images[i], f.boxes, data[i], formats[i])
+            emitted = {i: decode_rgb(out_bytes[i]) for i in pending}
+            again = self._detector.detect(list(emitted.values())) if emitted else []
+            pending = {i: f for i, f in zip(emitted, again) if len(f)}
+            for i, f in pending.items():
+                faces[i] += len(f)
+                boxes[i] += f.boxes.tolist()
+                probs[i] += f.probs.tolist()
+            if not pending:
+                break
+        for i in pending:
+            reasons[i] = "faces_remain"
+            details[i] = json.dumps({"rounds": self.config.max_rounds, "boxes": pending[i].boxes.tolist()})
 
         return pa.table(
             {
