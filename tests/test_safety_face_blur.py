@@ -243,3 +243,15 @@ def test_an_image_whose_faces_survive_every_round_is_dropped(tmp_path, shared_da
     (row,) = one_round.process(batch_of([data])).to_pylist()
     assert row["drop_reason"] == "faces_remain"
     assert json.loads(row["drop_details"])["rounds"] == 1
+
+
+def test_detection_does_not_depend_on_the_rest_of_the_batch(stage, shared_data):
+    """A larger photo that is downscaled to the same detection size must not change the
+    pyramid used for this one (the stage's re-check and any later check must agree)."""
+    img = decode_rgb((shared_data / "seeds_imagenet" / "n03538406_horse_cart.JPEG").read_bytes())
+    big = img.resize((img.width * 2, img.height * 2))
+    alone = stage._detector.detect([img])[0]
+    together = stage._detector.detect([big, img])[1]
+    assert len(alone) == 1
+    assert together.probs.tolist() == alone.probs.tolist()
+    assert together.boxes.tolist() == alone.boxes.tolist()

@@ -60,10 +60,16 @@ class FaceDetector:
         self.mtcnn = MTCNN(keep_all=True, select_largest=False, post_process=False, device=torch.device(device))
 
     def detect(self, images: list[Image.Image]) -> list[Faces]:
-        """Faces of every RGB image, batched by detection size."""
+        """Faces of every RGB image, batched by detection size and pyramid.
+
+        Images share a MTCNN call only when both their detection size and their minimum face
+        size (in detector pixels) agree, so an image's result never depends on which other
+        images were in its batch: the stage re-checks its output with the same detector and
+        must get the same answer as any later check."""
         results: list[Faces] = [Faces.none()] * len(images)
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        groups: dict[tuple[tuple[int, int], float], list[int]] = defaultdict(list)
         copies: dict[int, Image.Image] = {}
+        scales: dict[int, tuple[float, float]] = {}
         for i, img in enumerate(images):
             scale = detection_scale(img.size, self.detect_max_side)
             if scale < 1.0:
@@ -71,12 +77,12 @@ class FaceDetector:
                 copies[i] = img.resize(size, Image.BILINEAR)
             else:
                 copies[i] = img
-            groups[copies[i].size].append(i)
-        for size, idx in groups.items():
-            # Images of different sizes can share a detection size: map boxes back per image.
-            scales = {i: (size[0] / images[i].width, size[1] / images[i].height) for i in idx}
+            size = copies[i].size
+            scales[i] = (size[0] / img.width, size[1] / img.height)
             # The minimum face size is given in stored-image pixels; the detector sees it scaled.
-            min_size = max(float(PNET_WINDOW), self.min_face_size * min(min(s) for s in scales.values()))
+            min_size = round(max(float(PNET_WINDOW), self.min_face_size * min(scales[i])), 3)
+            groups[(size, min_size)].append(i)
+        for (size, min_size), idx in groups.items():
             if min(size) < min_size:
                 continue  # no face of the minimum size fits: MTCNN would build an empty pyramid
             self.mtcnn.min_face_size = min_size
