@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curation import schema
 from curation.catalog import ResolvedSet, resolve_excludes, resolve_seeds
@@ -508,6 +507,7 @@ class Runner:
                 stats = [ingest_shard(run_dir, record, json.loads(u), ingest_cfg) for u in batch["unit"]]
                 return {"stats": np.asarray([json.dumps(s) for s in stats])}
 
+            wait_for_free_cpus()
             ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
             ds.map_batches(fn, batch_size=1, num_cpus=0.5).materialize()
         stats = self._collect(rec, shards, time.perf_counter() - t0)
@@ -534,6 +534,7 @@ class Runner:
             lo, hi = res.concurrency
             hi = max(1, min(hi, cap, len(pending)))
             lo = max(1, min(lo, hi))
+            wait_for_free_cpus()
             ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
             ds.map_batches(
                 MapShardWorker,
@@ -579,6 +580,7 @@ class Runner:
                 stats = [emit_shard(run_dir, spec.__dict__, int(s), as_is, has_retrieval) for s in batch["shard"]]
                 return {"stats": np.asarray([json.dumps(s) for s in stats])}
 
+            wait_for_free_cpus()
             ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
             ds.map_batches(fn, batch_size=1, num_cpus=0.5).materialize()
         stats = self._collect(rec, shards, time.perf_counter() - t0)
@@ -605,6 +607,16 @@ class Runner:
         manifest = build_manifest(self, stages, history, seconds)
         write_json_atomic(manifest, self.store.manifest_json)
         return manifest
+
+
+def wait_for_free_cpus(timeout: float = 10.0) -> None:
+    """The previous stage's actor pool releases its CPUs asynchronously; starting the next
+    dataset before that makes Ray Data warn that the cluster has no CPU (and wait anyway)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < 0.5:
+        time.sleep(0.1)
 
 
 def init_ray(cfg: PipelineConfig, address: str | None) -> None:
