@@ -316,7 +316,7 @@ def our_methods(feats: dict, items: list[dict], truth: set, feature_seconds: flo
             out.append(evaluate(f"ours {m} r<={r}", n, i, j, items, truth, time.perf_counter() - t0, m, {"radius": r}))
     # Flip-robust hashes (phash_dedup flip: true): an image also matches the mirror of another.
     for m in ("phash", "dhash"):
-        for r in (4, 6, 8, 10):
+        for r in (4, 6, 7, 8, 10):
             t0 = time.perf_counter()
             i, j = hash_edges(np.concatenate([feats[m], feats[f"{m}_flip"]]), r)
             label = f"ours {m}+flip r<={r}" + (" (phash_dedup default)" if m == "phash" and default.flip and r == default.radius else "")
