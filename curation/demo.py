@@ -53,8 +53,15 @@ def _pattern(kind: str, rng: np.random.Generator, size: int = 160) -> Image.Imag
     else:
         for _ in range(int(rng.integers(10, 30))):
             d.line([tuple(rng.integers(0, size, 2).tolist()) for _ in range(2)], fill=tuple(int(x) for x in rng.integers(0, 255, 3)), width=int(rng.integers(1, 5)))
+    # Each image gets its own orientation and lighting, as photos of one kind of object do:
+    # without this, images of one class share their low frequencies and look like copies to a
+    # perceptual hash.
+    img = img.rotate(float(rng.uniform(0, 360)), resample=Image.BILINEAR, expand=False, fillcolor=bg)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    angle = rng.uniform(0, 2 * np.pi)
+    light = (np.cos(angle) * xx + np.sin(angle) * yy - 0.5) * rng.uniform(60, 140)
     noise = rng.normal(0, 6, (size, size, 3))
-    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype("uint8"))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + light[..., None] + noise, 0, 255).astype("uint8"))
 
 
 def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
