@@ -54,9 +54,12 @@ def read_ledger(ledger_root: Path, columns=None) -> pa.Table:
     return pads.dataset([str(f) for f in files], schema=LEDGER_SCHEMA, format="parquet").to_table(columns=columns)
 
 
-def summarize(ledger_root: Path) -> dict:
-    """Counts for the manifest: input = kept + sum(dropped.values())."""
-    t = read_ledger(ledger_root, columns=[schema.UID, schema.ROLE, "decision", "reason", "stage"])
+SUMMARY_COLUMNS = [schema.UID, schema.ROLE, schema.SOURCE, "decision", "reason", "stage"]
+
+
+def summarize(t: pa.Table) -> dict:
+    """Counts for the manifest from a ledger table (``read_ledger(root, SUMMARY_COLUMNS)``):
+    input = kept + sum(dropped.values())."""
     n = t.num_rows
     uids = t.column(schema.UID)
     duplicates = n - len(pc.unique(uids))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import ledger as ledger_mod
@@ -33,7 +34,8 @@ def build_manifest(runner: "Runner", stages, history, seconds: float) -> dict:
     from curation.runner import FORMAT_VERSION
 
     store = runner.store
-    counts = ledger_mod.summarize(store.ledger_root)
+    ledger = ledger_mod.read_ledger(store.ledger_root, columns=ledger_mod.SUMMARY_COLUMNS)
+    counts = ledger_mod.summarize(ledger)
     balance = counts["kept"] + sum(counts["dropped"].values())
     if balance != counts["input"] or counts["ledger_duplicate_uids"]:
         raise RuntimeError(
@@ -61,7 +63,7 @@ def build_manifest(runner: "Runner", stages, history, seconds: float) -> dict:
     for s in runner.stage_stats:
         summ = s.get("summary") or {}
         retrieval.update(summ.get("seed_datasets", {}))
-    kept_by_source = _kept_by_source(store)
+    kept_by_source = _kept_by_source(ledger)
     seeds = {}
     for s in runner.seeds:
         seeds[s.name] = {
@@ -90,10 +92,7 @@ def build_manifest(runner: "Runner", stages, history, seconds: float) -> dict:
     }
 
 
-def _kept_by_source(store) -> dict[str, int]:
-    t = ledger_mod.read_ledger(store.ledger_root, columns=[schema.SOURCE, "decision"])
-    out: dict[str, int] = {}
-    for src, dec in zip(t.column(schema.SOURCE).to_pylist(), t.column("decision").to_pylist()):
-        if dec == ledger_mod.KEPT:
-            out[src] = out.get(src, 0) + 1
-    return out
+def _kept_by_source(ledger) -> dict[str, int]:
+    kept = ledger.filter(pc.equal(ledger.column("decision"), ledger_mod.KEPT))
+    rows = kept.group_by(schema.SOURCE).aggregate([(schema.UID, "count")]).to_pylist()
+    return {r[schema.SOURCE]: r[f"{schema.UID}_count"] for r in rows}
