@@ -59,7 +59,7 @@ class RunRequest:
     address: str | None = None
     resume: bool = False
     allow_missing_weights: bool = False
-    progress: bool = True
+    progress: bool = True  # Ray Data's console progress bars
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,75 +279,53 @@ PROVENANCE = {
     "similarity": pa.float32(),
     "cluster_id": pa.int64(),
 }
-BASE_DATASET_COLUMNS = [
-    schema.ID, schema.BYTES, schema.WIDTH, schema.HEIGHT, schema.FORMAT, schema.SOURCE,
-    schema.SOURCE_KEY, schema.ROLE, schema.LABEL, "url",
-]
 
 
-def dataset_columns(view: ShardView) -> list[str]:
-    """Every column worth shipping: base + provenance + scalar stage outputs (embeddings stay in
-    their stage directories)."""
-    cols = []
-    for c in view.available_columns():
-        if c in cols or c in (schema.DROP_REASON, schema.DROP_DETAILS):
-            continue
-        cols.append(c)
-    return cols
+def dataset_columns(view: ShardView, shard: int) -> list[str]:
+    """Every column worth shipping: base + provenance + scalar stage outputs. Descriptors and
+    embeddings (fixed-size lists) stay in their stage directories and are never read here."""
+    return [
+        c for c, typ in view.column_types(shard).items()
+        if c not in (schema.DROP_REASON, schema.DROP_DETAILS) and not pa.types.is_fixed_size_list(typ)
+    ]
 
 
 def emit_shard(run_dir: str, spec: dict, shard: int, as_is: list[str], has_retrieval: bool) -> dict:
     t0 = time.perf_counter()
     spec_ = StageSpec(**spec)
     store, rec, view = RunStore(run_dir), spec_.rec(), spec_.view(RunStore(run_dir))
-    available = dataset_columns(view)
-    table = view.read(shard, available)
-    # Drop embedding-like columns (fixed-size lists of numbers) from the dataset.
-    keep_cols = [
-        c for c in table.column_names
-        if not (pa.types.is_fixed_size_list(table.schema.field(c).type))
-    ]
-    table = table.select(keep_cols)
-    n = table.num_rows
+    table = view.read(shard, dataset_columns(view, shard))
     role = table.column(schema.ROLE)
-    seed_ds = table.column(schema.SEED_DATASET)
     is_pool = pc.equal(role, schema.POOL)
     is_seed = pc.equal(role, schema.SEED)
-    seed_as_is = pc.and_(is_seed, pc.is_in(seed_ds, value_set=pa.array(as_is, pa.string())))
+    seed_as_is = pc.and_(is_seed, pc.is_in(table.column(schema.SEED_DATASET), value_set=pa.array(as_is, pa.string())))
     kept_mask = pc.fill_null(pc.or_(is_pool, seed_as_is), False)
-    reasons = pc.if_else(
-        pc.equal(role, schema.EXCLUDE), pa.scalar("evaluation_set"), pa.scalar("used_as_query")
-    )
-    ledger_drop = ledger_rows(
-        table.filter(pc.invert(kept_mask)), rec.name, DROPPED, reasons.filter(pc.invert(kept_mask)),
-        pa.array([json.dumps({"role": r}) for r in role.filter(pc.invert(kept_mask)).to_pylist()], pa.string()),
-    )
-    kept = table.filter(kept_mask)
-    kept = _fill_provenance(kept, has_retrieval)
-    ledger_kept = ledger_rows(kept, rec.name, KEPT)
-    ledger = pa.concat_tables([ledger_drop, ledger_kept]).sort_by(schema.UID)
+    reasons = pc.if_else(pc.equal(role, schema.EXCLUDE), pa.scalar("evaluation_set"), pa.scalar("used_as_query"))
+    details = pa.array([json.dumps({"role": r}) for r in role.to_pylist()], pa.string())
+    ledger_drop = _drop_ledger(table, pc.invert(kept_mask), rec.name, reasons, details)
+    kept = _fill_provenance(table.filter(kept_mask), has_retrieval)
+    ledger = pa.concat_tables([ledger_drop, ledger_rows(kept, rec.name, KEPT)]).sort_by(schema.UID)
     write_parquet_atomic(ledger, store.ledger_path(rec, shard))
     out_path = store.dataset_dir / f"part-{shard:05d}.parquet"
     if kept.num_rows:
         write_parquet_atomic(kept, out_path, row_group_size=256)
     elif out_path.exists():
         out_path.unlink()
-    stats = _stats(n, kept.num_rows, ledger_drop, time.perf_counter() - t0)
+    stats = _stats(table.num_rows, kept.num_rows, ledger_drop, time.perf_counter() - t0)
     store.mark_shard_done(rec, shard, stats)
     record_stage_shard(rec.name, stats)
     return stats
 
 
 def _fill_provenance(kept: pa.Table, has_retrieval: bool) -> pa.Table:
-    n = kept.num_rows
-    role = kept.column(schema.ROLE)
-    default_method = pc.if_else(pc.equal(role, schema.SEED), pa.scalar("as_is"), pa.scalar("retrieved" if has_retrieval else "pool"))
+    """Seeds are taken as they are; pool images carry the retrieve stage's method or, without
+    retrieval, 'pool'."""
     for name, typ in PROVENANCE.items():
         if name not in kept.column_names:
-            kept = kept.append_column(name, pa.nulls(n, typ))
-    method = pc.if_else(pc.equal(role, schema.SEED), default_method, pc.coalesce(kept.column("method"), default_method))
-    kept = kept.set_column(kept.column_names.index("method"), "method", method)
-    return kept
+            kept = kept.append_column(name, pa.nulls(kept.num_rows, typ))
+    pool_method = pc.coalesce(kept.column("method"), pa.scalar("retrieved" if has_retrieval else "pool"))
+    method = pc.if_else(pc.equal(kept.column(schema.ROLE), schema.SEED), pa.scalar("as_is"), pool_method)
+    return kept.set_column(kept.column_names.index("method"), "method", method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,10 +401,10 @@ class Runner:
         t_start = time.perf_counter()
         self.store.run_dir.mkdir(parents=True, exist_ok=True)
         # Stages are built and checked before anything is written or Ray is started.
-        stages = self._build_stages(preflight=True)
+        self._build_stages(preflight=True)
         self._check_resume()
         self._status("running")
-        init_ray(self.cfg, self.req.address)
+        init_ray(self.cfg, self.req.address, progress=self.req.progress)
         stages = self._build_stages(preflight=False)  # now with cluster resources known
         history: list[StageRecord] = []
         ingest_rec = StageRecord(0, "ingest", "ingest", INGEST, [n for n in schema.INGEST_SCHEMA.names if n != schema.UID])
@@ -479,9 +457,27 @@ class Runner:
                 agg["dropped"][r] = agg["dropped"].get(r, 0) + c
         return agg
 
-    def _ingest(self, rec: StageRecord) -> None:
+    def _run_shards(self, rec: StageRecord, shards: list[int], row_for, fn, options) -> None:
+        """Run ``fn`` over the shards of ``rec`` that have no completion marker, one shard per
+        Ray Data batch, then record the stage's statistics (also when it was already done).
+        ``row_for(shard)`` is the dataset row handed to ``fn``; ``options(n_pending)`` gives
+        the ``map_batches`` arguments (task or actor-pool resources)."""
         import ray
 
+        if self.store.stage_done(rec):
+            self.stage_stats.append(read_json(self.store.stage_marker(rec))["stats"])
+            return
+        t0 = time.perf_counter()
+        pending = self._pending(rec, shards)
+        if pending:
+            wait_for_free_cpus()
+            ds = ray.data.from_items([row_for(s) for s in pending], override_num_blocks=len(pending))
+            ds.map_batches(fn, batch_size=1, **options(len(pending))).materialize()
+        stats = self._collect(rec, shards, time.perf_counter() - t0)
+        self.store.mark_stage_done(rec, {"stats": stats, "shards": shards})
+        self.stage_stats.append(stats)
+
+    def _ingest(self, rec: StageRecord) -> None:
         from curation.ingest.plan import SourceSpec, WorkUnit, plan_units
 
         if self.store.plan_json.exists():
@@ -492,62 +488,42 @@ class Runner:
             specs += [SourceSpec(e.path, schema.EXCLUDE, f"exclude:{e.name}", e.name) for e in self.excludes]
             units = plan_units(specs, self.cfg.ingest)
             write_json_atomic({"units": [u.to_dict() for u in units]}, self.store.plan_json)
-        shards = [u.shard for u in units]
-        if self.store.stage_done(rec):
-            self.stage_stats.append(read_json(self.store.stage_marker(rec))["stats"])
-            return
-        t0 = time.perf_counter()
-        pending = [u.to_dict() for u in units if not self.store.shard_done(rec, u.shard)]
-        if pending:
-            ingest_cfg = self.cfg.ingest.model_dump(mode="json")
-            run_dir = str(self.store.run_dir)
-            record = rec.to_dict()
+        by_shard = {u.shard: u for u in units}
+        ingest_cfg = self.cfg.ingest.model_dump(mode="json")
+        run_dir, record = str(self.store.run_dir), rec.to_dict()
 
-            def fn(batch: dict) -> dict:
-                stats = [ingest_shard(run_dir, record, json.loads(u), ingest_cfg) for u in batch["unit"]]
-                return {"stats": np.asarray([json.dumps(s) for s in stats])}
+        def fn(batch: dict) -> dict:
+            stats = [ingest_shard(run_dir, record, json.loads(u), ingest_cfg) for u in batch["unit"]]
+            return {"stats": np.asarray([json.dumps(s) for s in stats])}
 
-            wait_for_free_cpus()
-            ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
-            ds.map_batches(fn, batch_size=1, num_cpus=0.5).materialize()
-        stats = self._collect(rec, shards, time.perf_counter() - t0)
-        self.store.mark_stage_done(rec, {"stats": stats, "shards": shards})
-        self.stage_stats.append(stats)
+        self._run_shards(
+            rec, list(by_shard), lambda s: {"unit": json.dumps(by_shard[s].to_dict())}, fn, lambda n: {"num_cpus": 0.5}
+        )
 
     def _run_map(self, stage: MapStage, spec: StageSpec, history: list[StageRecord]) -> None:
         import ray
 
-        rec = spec.rec()
-        shards = ShardView(self.store, history).shards()
-        if self.store.stage_done(rec):
-            self.stage_stats.append(read_json(self.store.stage_marker(rec))["stats"])
-            return
-        t0 = time.perf_counter()
-        pending = self._pending(rec, shards)
-        if pending:
-            res = stage.resources()
+        res = stage.resources()
+
+        def options(n_pending: int) -> dict:
             ctx = self.context(self.store.run_dir)
             if res.num_gpus > 0:
                 cap = max(1, int(ctx.cluster_gpus // res.num_gpus))
             else:
                 cap = max(1, int(ctx.cluster_cpus // max(res.num_cpus, 0.01)))
             lo, hi = res.concurrency
-            hi = max(1, min(hi, cap, len(pending)))
+            hi = max(1, min(hi, cap, n_pending))
             lo = max(1, min(lo, hi))
-            wait_for_free_cpus()
-            ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-            ds.map_batches(
-                MapShardWorker,
-                fn_constructor_kwargs={"spec": spec.__dict__, "run_dir": str(self.store.run_dir)},
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-                num_cpus=res.num_cpus,
-                num_gpus=res.num_gpus or None,
+            return {
+                "fn_constructor_kwargs": {"spec": spec.__dict__, "run_dir": str(self.store.run_dir)},
+                "compute": ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                "num_cpus": res.num_cpus,
+                "num_gpus": res.num_gpus or None,
                 **({"memory": res.memory_bytes} if res.memory_bytes else {}),
-            ).materialize()
-        stats = self._collect(rec, shards, time.perf_counter() - t0)
-        self.store.mark_stage_done(rec, {"stats": stats, "shards": shards})
-        self.stage_stats.append(stats)
+            }
+
+        shards = ShardView(self.store, history).shards()
+        self._run_shards(spec.rec(), shards, lambda s: {"shard": s}, MapShardWorker, options)
 
     def _run_global(self, stage: GlobalStage, spec: StageSpec, history: list[StageRecord]) -> None:
         import ray
@@ -562,30 +538,17 @@ class Runner:
         self.stage_stats.append({"stage": rec.name, "kind": rec.kind, "wall_seconds": stats["seconds"], **stats})
 
     def _emit(self, rec: StageRecord, history: list[StageRecord], stages: list[Stage]) -> None:
-        import ray
-
-        shards = ShardView(self.store, history).shards()
-        if self.store.stage_done(rec):
-            self.stage_stats.append(read_json(self.store.stage_marker(rec))["stats"])
-            return
-        t0 = time.perf_counter()
         as_is = [s.name for s in self.seeds if any(r["method"] == "as_is" for r in s.recipes)]
         has_retrieval = any(s.config.kind == "retrieve" for s in stages)
-        spec = StageSpec("emit", {}, {}, rec.to_dict(), [h.to_dict() for h in history])
-        pending = self._pending(rec, shards)
-        if pending:
-            run_dir = str(self.store.run_dir)
+        spec = StageSpec("emit", {}, {}, rec.to_dict(), [h.to_dict() for h in history]).__dict__
+        run_dir = str(self.store.run_dir)
 
-            def fn(batch: dict) -> dict:
-                stats = [emit_shard(run_dir, spec.__dict__, int(s), as_is, has_retrieval) for s in batch["shard"]]
-                return {"stats": np.asarray([json.dumps(s) for s in stats])}
+        def fn(batch: dict) -> dict:
+            stats = [emit_shard(run_dir, spec, int(s), as_is, has_retrieval) for s in batch["shard"]]
+            return {"stats": np.asarray([json.dumps(s) for s in stats])}
 
-            wait_for_free_cpus()
-            ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-            ds.map_batches(fn, batch_size=1, num_cpus=0.5).materialize()
-        stats = self._collect(rec, shards, time.perf_counter() - t0)
-        self.store.mark_stage_done(rec, {"stats": stats, "shards": shards})
-        self.stage_stats.append(stats)
+        shards = ShardView(self.store, history).shards()
+        self._run_shards(rec, shards, lambda s: {"shard": s}, fn, lambda n: {"num_cpus": 0.5})
 
     # -- outputs ------------------------------------------------------------------------------
     def _status(self, state: str, history: list[StageRecord] | None = None) -> None:
@@ -619,7 +582,7 @@ def wait_for_free_cpus(timeout: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def init_ray(cfg: PipelineConfig, address: str | None) -> None:
+def init_ray(cfg: PipelineConfig, address: str | None, progress: bool = True) -> None:
     """Join ``address`` (or an ambient cluster when running as a Ray job) or start a local Ray
     that binds its dashboard to loopback."""
     import ray
@@ -627,7 +590,7 @@ def init_ray(cfg: PipelineConfig, address: str | None) -> None:
     if not ray.is_initialized():
         _init(cfg, address)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = False
     for name in ("ray.data", "ray._private", "ray"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -186,6 +186,16 @@ class ShardView:
         uids = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
         return pa.table({schema.UID: uids, **self._columns(shard, columns, uids, len(self.history))})
 
+    def column_types(self, shard: int) -> dict[str, pa.DataType]:
+        """Type of every available column, from the Parquet footers of the files that provide
+        it for ``shard`` (no data is read)."""
+        types: dict[str, pa.DataType] = {}
+        for col in self.available_columns():
+            rec = self.history[self._writer(col, len(self.history))]
+            path = self.store.annotations_path(rec, shard) if rec.shape == GLOBAL else self.store.part_path(rec, shard)
+            types[col] = pq.read_schema(path).field(col).type
+        return types
+
     def _writer(self, col: str, upto: int) -> int | None:
         for pos in range(upto - 1, -1, -1):
             if col in self.history[pos].columns:
