@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import RESULTS, device_name, git_commit  # noqa: E402
+from common import device_name, git_commit, write_result  # noqa: E402
 
 from curation.train.config import TrainConfig  # noqa: E402
 from curation.train.data import LabelledImages, list_labelled_images, split_labelled  # noqa: E402
@@ -146,10 +146,7 @@ def main() -> None:
         "config": cfg.model_dump(mode="json"), "pretrained": trained, "random_init": random, "chance": 1 / len(classes),
         "loss_first": log[0]["loss"] if log else None, "loss_last": log[-1]["loss"] if log else None,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"train_quality-{device_name(device)}{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result("train_quality", result, quick=args.quick)
 
 
 if __name__ == "__main__":

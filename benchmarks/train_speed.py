@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import itertools
-import json
 import time
-from pathlib import Path
 
 import torch
 
 from curation.train.vit import VisionTransformer
-from common import device_name, git_commit  # noqa: E402  (benchmarks/ is on sys.path)
+from common import device_name, git_commit, write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 
@@ -153,10 +150,7 @@ def main() -> None:
         "rows": rows, "ratios": table,
         "note": "crop sizes are rounded to a multiple of the patch (local 98 for /14); CPU figures are timed on a shared machine",
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"train_speed-{device_name(device)}{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    write_result("train_speed", result, quick=args.quick)
 
 
 if __name__ == "__main__":
