@@ -19,15 +19,10 @@ from pydantic import Field, field_validator
 
 from curation import schema
 from curation.imaging import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
+from curation.devices import torch_device_name, wants_gpu
 from curation.stage import MapStage, Resources, StageConfig, StageError
 from embedders import DEFAULT_RETRIEVAL_MODEL, EmbedderUnavailable, build_embedder, check_available, output_dim, parse_spec
 from embedders.registry import PixelsSpec, SscdSpec, TimmSpec
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class EmbedConfig(StageConfig):
@@ -79,13 +74,10 @@ class EmbedStage(MapStage):
     def output_schema(self) -> pa.Schema:
         return pa.schema([pa.field(self.config.column, self.arrow_type)])
 
-    def _use_gpu(self) -> bool:
-        return self.context.cluster_gpus > 0 or _cuda_available()
-
     def resources(self) -> Resources:
         cfg = self.config
         cpus = max(1.0, min(float(cfg.cpus_per_worker), float(max(1, self.context.cluster_cpus))))
-        if self._use_gpu():
+        if wants_gpu(self.context.cluster_gpus):
             workers = max(1, self.context.cluster_gpus)
             return Resources(num_cpus=cpus, num_gpus=1, concurrency=(1, workers), batch_size=cfg.rows_per_call)
         workers = max(1, int(self.context.cluster_cpus // cpus))
@@ -110,7 +102,7 @@ class EmbedStage(MapStage):
 
         cfg = self.config
         threads = cfg.decode_threads or max(1, int(self.resources().num_cpus))
-        if not _cuda_available():
+        if torch_device_name() == "cpu":
             torch.set_num_threads(threads)  # one worker's share; Ray runs several side by side
         try:
             self.embedder = build_embedder(cfg.model, batch_size=cfg.batch_size)

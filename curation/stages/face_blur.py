@@ -18,7 +18,7 @@ from pydantic import Field
 from curation import schema
 from curation.imaging import DecodeError, decode_rgb, sniff_format
 from curation.safety.blur import blur_region, encode_like_source, enlarge_box, icc_profile_of
-from curation.safety.device import torch_device_name, wants_gpu
+from curation.devices import torch_device_name, wants_gpu
 from curation.stage import MapStage, Resources, StageConfig
 
 FACES, FACE_BOXES, FACE_PROBS = "faces", "face_boxes", "face_probs"

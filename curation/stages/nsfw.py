@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from curation import schema
 from curation.imaging import DecodeError, decode_rgb
-from curation.safety.device import torch_device_name, wants_gpu
+from curation.devices import torch_device_name, wants_gpu
 from curation.safety.nsfw import NsfwBackend, available_backends, backend_class
 from curation.stage import MapStage, Resources, StageConfig, StageError
 

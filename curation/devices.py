@@ -1,4 +1,5 @@
-"""Where the safety models run: the GPU a Ray worker was given, else the CPU."""
+"""Where model stages run: the GPU a Ray worker was given, else the CPU (one rule for the
+safety, embedding and other model stages)."""
 
 from __future__ import annotations
 
