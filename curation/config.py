@@ -17,9 +17,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+import pipelines
 from curation.stage import StageConfig, StageError, stage_class
 
-PIPELINES_DIR = Path(__file__).resolve().parents[1] / "pipelines"
+PIPELINES_DIR = pipelines.DIR
 
 
 class Strict(BaseModel):

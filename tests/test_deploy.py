@@ -194,3 +194,20 @@ def test_validator_rejects_a_broken_pod_template():
               "template": {**tmpl, "spec": {**tmpl["spec"], "tolerationz": tmpl["spec"]["tolerations"]}}}
     with pytest.raises(kv.ValidationError):
         kv.validate(broken, kv.latest_version(), strict=True)
+
+
+def test_the_built_wheel_carries_the_pipelines_and_resolves_them_by_name(tmp_path):
+    """What the Docker image (`pip install .`, not editable) holds: `--config lvd` must work there."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools in this environment")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "whl"), str(root)], check=True)
+    wheel = next((tmp_path / "whl").glob("curation-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
+    probe = "import curation.config as c; cfg = c.load_config('lvd'); print(c.__file__); print(len(cfg.stages))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0].startswith(str(tmp_path / "site")), "the installed copy, not the checkout, must have answered"
+    assert int(out[1]) > 5
