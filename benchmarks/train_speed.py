@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import itertools
+import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -24,27 +26,26 @@ from common import device_name, git_commit, write_result  # noqa: E402  (benchma
 
 
 
-
-
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, warmup: int, iters: int) -> float:
-    """Seconds per call (median of ``iters`` calls after ``warmup``)."""
-    for _ in range(warmup):
-        fn()
+def interleaved(fns: dict[str, Callable[[], None]], device, warmup: int, rounds: int) -> dict[str, float]:
+    """Seconds per call of each function: median over ``rounds`` rounds that call every function
+    once in turn, so that drift of a shared machine (clocks, other jobs) falls on all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def make_vit(spec: dict, patch: int, global_size: int, attention: str, packing: bool, skip: bool, drop: float) -> VisionTransformer:
@@ -65,35 +66,37 @@ def bench_model(name: str, patch: int, args, device: torch.device, dtype) -> lis
     grid = g // patch
     masks = torch.rand(2 * b, grid * grid, device=device) < 0.3
     masks[b:] = False  # half the global crops masked, as DINOv2
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
-    rows = []
-    for attention, packing, skip in itertools.product(("default", "math"), (False, True), (True, False)):
-        vit = make_vit(spec, patch, g, attention, packing, skip, args.drop_path).to(device).train()
+    x_infer = torch.randn(args.infer_batch, 3, g, g, device=device)
 
-        def train_step():
-            with autocast:
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
+
+    def train_step(vit):
+        def step():
+            with autocast():
                 outs = vit.forward_features_list([globals_, locals_], [masks, None], [2, n_local])
                 loss = sum(o["cls"].float().mean() + o["patches"].float().mean() for o in outs)
             loss.backward()
             vit.zero_grad(set_to_none=True)
+        return step
 
-        sec = timed(train_step, device, args.warmup, args.iters)
-        rows.append({"model": name, "mode": "train", "attention": attention, "packing": packing, "skip_drop": skip,
-                     "images_per_s": b / sec, "ms_per_step": 1000 * sec})
-        print(f"{name:10s} train attention={attention:7s} packing={packing!s:5s} skip_drop={skip!s:5s} {b / sec:9.1f} img/s")
-    for attention in ("default", "math"):
-        vit = make_vit(spec, patch, g, attention, False, True, 0.0).to(device).eval()
-        x = torch.randn(args.infer_batch, 3, g, g, device=device)
-
+    def infer_step(vit):
         @torch.no_grad()
-        def infer():
-            with autocast:
-                vit.forward_features(x)
+        def step():
+            with autocast():
+                vit.forward_features(x_infer)
+        return step
 
-        sec = timed(infer, device, args.warmup, args.iters)
-        rows.append({"model": name, "mode": "inference", "attention": attention, "packing": False, "skip_drop": None,
-                     "images_per_s": args.infer_batch / sec, "ms_per_step": 1000 * sec})
-        print(f"{name:10s} infer attention={attention:7s} {args.infer_batch / sec:9.1f} img/s")
+    train_keys = list(itertools.product(("default", "math"), (False, True), (True, False)))
+    fns = {("train",) + k: train_step(make_vit(spec, patch, g, k[0], k[1], k[2], args.drop_path).to(device).train()) for k in train_keys}
+    fns.update({("inference", a, False, None): infer_step(make_vit(spec, patch, g, a, False, True, 0.0).to(device).eval()) for a in ("default", "math")})
+    seconds = interleaved(fns, device, args.warmup, args.iters)
+    rows = []
+    for (mode, attention, packing, skip), sec in seconds.items():
+        n = b if mode == "train" else args.infer_batch
+        rows.append({"model": name, "mode": mode, "attention": attention, "packing": packing, "skip_drop": skip,
+                     "images_per_s": n / sec, "ms_per_step": 1000 * sec})
+        print(f"{name:10s} {mode:9s} attention={attention:7s} packing={packing!s:5s} skip_drop={skip!s:5s} {n / sec:9.1f} img/s")
     return rows
 
 
@@ -123,14 +126,14 @@ def ratios(rows: list[dict]) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small widths and crops, for a CPU")
-    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="timed rounds (each calls every variant once)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images per training step")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on CUDA")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
-        defaults = dict(dim=96, depth=4, heads=3, global_size=64, local_size=32, n_local=4, batch=8, infer_batch=16, iters=5, warmup=2)
+        defaults = dict(dim=96, depth=4, heads=3, global_size=64, local_size=32, n_local=4, batch=8, infer_batch=16, iters=15, warmup=2)
     else:
         defaults = dict(dim=384, depth=12, heads=6, global_size=224, local_size=96, n_local=8, batch=32, infer_batch=128, iters=20, warmup=5)
     for k, v in defaults.items():
