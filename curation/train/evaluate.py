@@ -33,7 +33,8 @@ class Backbone:
     device: torch.device
 
 
-def _ours(model, device) -> Backbone:
+def from_training_vit(model, device) -> Backbone:
+    """A backbone over our own ViT (a trainer's teacher, a random init or a loaded export)."""
     model = model.to(device).eval()
 
     def features(x):
@@ -68,7 +69,7 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> Backb
         model = build_vit(cfg.model, cfg.crops.global_size)
         prefix = "backbone."
         model.load_state_dict({k[len(prefix) :]: v for k, v in payload["teacher"].items() if k.startswith(prefix)})
-        return _ours(model, device)
+        return from_training_vit(model, device)
     raise ValueError(f"{path}: neither an exported backbone nor a training checkpoint")
 
 
@@ -77,7 +78,7 @@ def random_backbone(model_cfg, img_size: int, seed: int = 0, device: str | torch
     from curation.train.vit import build_vit
 
     torch.manual_seed(seed)
-    return _ours(build_vit(model_cfg, img_size), torch.device(device))
+    return from_training_vit(build_vit(model_cfg, img_size), torch.device(device))
 
 
 # -- features ----------------------------------------------------------------------------------
