@@ -202,8 +202,15 @@ def test_the_built_wheel_carries_the_pipelines_and_resolves_them_by_name(tmp_pat
     import sys
 
     pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools in this environment")
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "whl"), str(root)], check=True)
+    import shutil
+
+    root, src = Path(__file__).resolve().parents[1], tmp_path / "src"
+    # build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+    for package in ("curation", "embedders", "retrieval", "pipelines"):
+        shutil.copytree(root / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "whl"), str(src)], check=True)
     wheel = next((tmp_path / "whl").glob("curation-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
     probe = "import curation.config as c; cfg = c.load_config('lvd'); print(c.__file__); print(len(cfg.stages))"
