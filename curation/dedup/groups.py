@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from curation import schema
 from curation.dedup.components import component_sizes, pick_keepers
+from curation.dedup.descriptors import descriptor_matrix
 from curation.stage import make_drops
 
 
@@ -46,6 +47,16 @@ def rows_of(table: pa.Table, mask: np.ndarray) -> Rows:
     width = np.array([w or 0 for w in col(schema.WIDTH, 0)], np.float64)
     height = np.array([h or 0 for h in col(schema.HEIGHT, 0)], np.float64)
     return Rows(uid, col(schema.ID, None), col(schema.SOURCE_KEY, None), width * height)
+
+
+def pool_descriptors(table: pa.Table, column: str) -> tuple[Rows, np.ndarray, dict]:
+    """The pool rows that have a descriptor, their float32 [n, d] descriptors, and the counts of
+    rows left out (not pool, no descriptor) for the stage summary."""
+    x, valid = descriptor_matrix(table.column(column), column)
+    is_pool = role_mask(table, schema.POOL)
+    mask = is_pool & valid
+    counts = {"rows": int(mask.sum()), "skipped_not_pool": int((~is_pool).sum()), "skipped_no_descriptor": int((is_pool & ~valid).sum())}
+    return rows_of(table, mask), x[mask], counts
 
 
 def duplicate_drops(

@@ -19,8 +19,8 @@ from pydantic import Field
 
 from curation import schema
 from curation.dedup.components import connected_components
-from curation.dedup.descriptors import descriptor_matrix, normalize_rows
-from curation.dedup.groups import duplicate_drops, role_mask, rows_of
+from curation.dedup.descriptors import normalize_rows
+from curation.dedup.groups import duplicate_drops, pool_descriptors
 from curation.dedup.knn_graph import knn_edges
 from curation.dedup.settings import KnnGraphConfig, knn_resources
 from curation.stage import GlobalResult, GlobalStage, Resources
@@ -45,24 +45,19 @@ class CopyDedupStage(GlobalStage):
 
     def run(self, table: pa.Table) -> GlobalResult:
         cfg, t0 = self.config, time.perf_counter()
-        x, valid = descriptor_matrix(table.column(cfg.descriptor), cfg.descriptor)
-        is_pool = role_mask(table, schema.POOL)
-        mask = is_pool & valid
-        rows = rows_of(table, mask)
-        x = normalize_rows(x[mask])
+        rows, x, counts = pool_descriptors(table, cfg.descriptor)
+        x = normalize_rows(x)
         graph = knn_edges(x, cfg.k, cfg.threshold, cfg.index.options(self.context.seed))
         labels = connected_components(len(rows), graph.src, graph.dst)
-        drops, counts = duplicate_drops(
+        drops, groups = duplicate_drops(
             rows, labels, cfg.reason, "similarity", lambda d, k: np.einsum("nd,nd->n", x[d], x[k])
         )
         summary = {
-            "rows": int(len(rows)),
-            "skipped_not_pool": int((~is_pool).sum()),
-            "skipped_no_descriptor": int((is_pool & ~valid).sum()),
+            **counts,
             "edges": graph.num_edges,
-            "components": counts["groups"],
-            "dropped": counts["dropped"],
-            "largest_group": counts["largest_group"],
+            "components": groups["groups"],
+            "dropped": groups["dropped"],
+            "largest_group": groups["largest_group"],
             "k": cfg.k,
             "threshold": cfg.threshold,
             "index": graph.index,

@@ -19,8 +19,8 @@ from pydantic import Field, model_validator
 from curation import schema
 from curation.dedup.binary import hamming, hamming_pairs
 from curation.dedup.components import connected_components
-from curation.dedup.descriptors import descriptor_matrix, normalize_rows
-from curation.dedup.groups import duplicate_drops, role_mask, rows_of
+from curation.dedup.descriptors import normalize_rows
+from curation.dedup.groups import duplicate_drops, pool_descriptors
 from curation.dedup.pca_hash import fit_pca, sign_codes
 from curation.dedup.settings import DedupStageConfig
 from curation.stage import GlobalResult, GlobalStage, Resources, empty_drops
@@ -58,14 +58,9 @@ class PcaHashStage(GlobalStage):
 
     def run(self, table: pa.Table) -> GlobalResult:
         cfg, t0 = self.config, time.perf_counter()
-        x, valid = descriptor_matrix(table.column(cfg.descriptor), cfg.descriptor)
-        is_pool = role_mask(table, schema.POOL)
-        mask = is_pool & valid
-        rows = rows_of(table, mask)
-        x = x[mask]
+        rows, x, summary = pool_descriptors(table, cfg.descriptor)
         if cfg.normalize:
             x = normalize_rows(x)
-        summary = {"rows": int(len(rows)), "skipped_not_pool": int((~is_pool).sum()), "skipped_no_descriptor": int((is_pool & ~valid).sum())}
         if len(rows) < 2:  # nothing to compare (and no PCA to fit)
             summary.update({"edges": 0, "components": 0, "dropped": 0, "seconds": round(time.perf_counter() - t0, 3)})
             return GlobalResult(empty_drops(), summary=summary)
