@@ -152,9 +152,10 @@ def main() -> None:
     print(f"pretraining on {len(images)} images; evaluation: {len(train)} train / {len(test)} test, {len(classes)} classes")
 
     with tempfile.TemporaryDirectory() as tmp:
-        short_side = 2 * config(True, 1, device).crops.global_size if args.quick else None
+        probe_cfg = config(args.quick, 10**6, device)
+        short_side = 2 * probe_cfg.crops.global_size if args.quick else None
         manifest = write_manifest(images, Path(tmp) / "out", short_side=short_side)
-        step_s = seconds_per_step(config(args.quick, 10**6, device), manifest, Path(tmp))
+        step_s = seconds_per_step(probe_cfg, manifest, Path(tmp))
         iters = max(int(minutes * 60 / step_s), 10)
         cfg = config(args.quick, iters, device).model_copy(update={"max_minutes": minutes})
         print(f"~{step_s:.2f} s/step -> schedule of {cfg.optim.epochs * cfg.optim.iters_per_epoch} iterations")

@@ -31,14 +31,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], None]], device, warmup: int, rounds: int) -> dict[str, float]:
+def interleaved(fns: dict[tuple, Callable[[], None]], device, warmup: int, rounds: int) -> dict[tuple, float]:
     """Seconds per call of each function: median over ``rounds`` rounds that call every function
     once in turn, so that drift of a shared machine (clocks, other jobs) falls on all alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    times: dict[tuple, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
             t0 = time.perf_counter()
