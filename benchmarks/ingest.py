@@ -98,7 +98,8 @@ def ours_runner(pool: Path, seeds: Path, shard_size: int, num_cpus: int) -> dict
     import ray
 
     from curation.config import PipelineConfig
-    from curation.runner import RunRequest, init_ray, run_pipeline
+    from curation.executor import init_ray
+    from curation.runner import RunRequest, run_pipeline
 
     cfg = PipelineConfig.model_validate(
         {

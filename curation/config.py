@@ -99,6 +99,22 @@ class RayConfig(Strict):
     object_store_memory: int | None = None
 
 
+class ExecutionConfig(Strict):
+    """How global stages run: in one task, or partitioned with memory bounded per task."""
+
+    global_stages: Literal["auto", "single_task", "partitioned"] = Field(
+        "auto",
+        description="auto: one task up to single_task_max_rows input rows, partitioned beyond (stages "
+        "without a partitioned form always run as one task)",
+    )
+    single_task_max_rows: int = Field(500_000, ge=0, description="largest input a global stage reads into one task under auto")
+    max_partition_rows: int = Field(
+        250_000, ge=1, description="rows a reduce task of a partitioned stage holds at once (sizes the shuffle partitions)"
+    )
+    map_task_rows: int = Field(200_000, ge=1, description="input rows per map task (consecutive shards are grouped up to this)")
+    task_memory_bytes: int | None = Field(None, ge=1, description="memory Ray reserves per partitioned task (None: no reservation)")
+
+
 class PipelineConfig(Strict):
     name: str = "lvd"
     seed: int = Field(0, description="random seed for every stochastic step")
@@ -110,6 +126,7 @@ class PipelineConfig(Strict):
         default_factory=lambda: [AsIs(), Sample(k=4)],
         description="recipes for a seed dataset given as a path rather than a catalog name",
     )
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @field_validator("stages", mode="before")

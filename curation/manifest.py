@@ -9,17 +9,32 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import ledger as ledger_mod
 from curation import schema
+from curation.catalog import ResolvedSet
+from curation.store import RunStore
 
-if TYPE_CHECKING:  # pragma: no cover
-    from curation.runner import Runner
+FORMAT_VERSION = "curation.manifest/1"
+
+
+@dataclass
+class RunFacts:
+    """What the driver knows about a finished run; the manifest is built from this alone."""
+
+    store: RunStore
+    fingerprint: str
+    inputs: dict
+    seeds: list[ResolvedSet]
+    excludes: list[ResolvedSet]
+    stage_stats: list[dict]
+    warnings: list[str]
+    config: dict
 
 
 def sha256_file(path: Path) -> str:
@@ -30,10 +45,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_manifest(runner: "Runner", stages, history, seconds: float) -> dict:
-    from curation.runner import FORMAT_VERSION
-
-    store = runner.store
+def build_manifest(facts: RunFacts, stages, seconds: float) -> dict:
+    store = facts.store
     ledger = ledger_mod.read_ledger(store.ledger_root, columns=ledger_mod.SUMMARY_COLUMNS)
     counts = ledger_mod.summarize(ledger)
     balance = counts["kept"] + sum(counts["dropped"].values())
@@ -60,12 +73,12 @@ def build_manifest(runner: "Runner", stages, history, seconds: float) -> dict:
         if section:
             stage_sections[st.name] = section
     retrieval = {}
-    for s in runner.stage_stats:
+    for s in facts.stage_stats:
         summ = s.get("summary") or {}
         retrieval.update(summ.get("seed_datasets", {}))
     kept_by_source = _kept_by_source(ledger)
     seeds = {}
-    for s in runner.seeds:
+    for s in facts.seeds:
         seeds[s.name] = {
             "path": s.path,
             "recipes": list(s.recipes),
@@ -77,17 +90,17 @@ def build_manifest(runner: "Runner", stages, history, seconds: float) -> dict:
         "format": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_dir": str(store.run_dir),
-        "fingerprint": runner.fingerprint(),
+        "fingerprint": facts.fingerprint,
         "counts": counts,
         "shards": shards,
         "columns": columns,
         "seeds": seeds,
-        "excludes": [e.to_dict() for e in runner.excludes],
-        "pools": runner.inputs()["pools"],
-        "stages": runner.stage_stats,
+        "excludes": [e.to_dict() for e in facts.excludes],
+        "pools": facts.inputs["pools"],
+        "stages": facts.stage_stats,
         "stage_reports": stage_sections,
-        "warnings": runner.warnings,
-        "config": runner.cfg.model_dump(mode="json"),
+        "warnings": facts.warnings,
+        "config": facts.config,
         "seconds": round(seconds, 2),
     }
 

@@ -7,9 +7,13 @@ the roles of rows it applies to. Two shapes exist:
   runner runs it on a Ray Data actor pool; ``setup`` runs once per worker (load a model),
   ``process`` runs per batch and returns one output row per input row, with ``drop_reason``
   set (and ``drop_details`` as a JSON string) for rows it removes.
-* ``GlobalStage`` needs every surviving row at once (deduplication, retrieval). It reads only
-  the small columns it declares (never image bytes), runs as one Ray task with the declared
-  resources and returns drops and, optionally, new columns for the rows it keeps.
+* ``GlobalStage`` relates rows across shards (deduplication, retrieval). It reads only the small
+  columns it declares (never image bytes) of the rows of its ``roles`` (the executor filters;
+  other rows pass through). It has a single-task form, ``run(table)``, which sees every such row
+  at once and returns drops and, optionally, new columns for the rows it keeps; and, for inputs
+  beyond one task's memory, a partitioned form, ``partitioned_steps()``: map / shuffle / reduce
+  steps whose tasks each hold a bounded number of rows (``curation.partitioned.steps``). Both
+  forms give the same drops wherever the partitioned computation is exact.
 
 Stage configuration is a pydantic model (``StageConfig`` subclass) validated from the pipeline
 YAML; a stage is found by its ``kind`` as module ``curation.stages.<kind>`` exposing ``STAGE``.
@@ -158,8 +162,19 @@ class GlobalResult:
 class GlobalStage(Stage):
     def run(self, table: pa.Table) -> GlobalResult:
         """``table`` holds ``uid``, ``role`` and the declared input columns of every row still
-        alive, sorted by uid."""
+        alive whose role is in ``roles``, sorted by uid."""
         raise NotImplementedError
+
+    def partitioned_steps(self) -> list | None:
+        """The partitioned form (a list of ``curation.partitioned.steps`` steps ending in a
+        ``drops`` dataset), or None when the stage has only the single-task form. Must be cheap
+        and deterministic: the driver and every worker build it from the configuration."""
+        return None
+
+    def partitioned_summary(self, counters: dict[str, dict], facts: dict[str, dict]) -> dict:
+        """The stage summary of a partitioned run from its steps' summed counters and its
+        aggregates' facts."""
+        return {"steps": counters, "facts": facts}
 
 
 class StageError(RuntimeError):

@@ -133,6 +133,10 @@ class RunStore:
     def annotations_path(self, rec: StageRecord, shard: int) -> Path:
         return self.stage_dir(rec) / "annotations" / f"{part_name(shard)}.parquet"
 
+    def steps_dir(self, rec: StageRecord) -> Path:
+        """Where a partitioned global stage keeps its intermediate datasets and task markers."""
+        return self.stage_dir(rec) / "steps"
+
     def ledger_path(self, rec: StageRecord, shard: int) -> Path:
         return self.ledger_dir(rec) / f"{part_name(shard)}.parquet"
 
@@ -232,6 +236,18 @@ class ShardView:
                 for col in needs_fallback:
                     out[col] = pc.if_else(pc.is_null(out[col]), prev[col], out[col])
         return {c: out[c] for c in columns}
+
+    def row_count(self, shard: int) -> int:
+        """Rows alive in ``shard``, from Parquet footers only (no data read): the base stage's
+        rows minus those later global stages dropped (each drops only live, distinct rows)."""
+        base_i = self._base()
+        path = self.store.part_path(self.history[base_i], shard)
+        n = pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+        for rec in self.history[base_i + 1 :]:
+            dp = self.store.drops_path(rec, shard)
+            if rec.shape == GLOBAL and dp.exists():
+                n -= pq.ParquetFile(dp).metadata.num_rows
+        return n
 
     def shards(self) -> list[int]:
         """Shards that exist at the base stage."""

@@ -90,16 +90,6 @@ def test_copy_dedup_counts_components_and_reports_the_index(tmp_path):
     assert set(drops_by_uid(result)) == {int(u) for u in table.column(schema.UID).to_numpy()[8:]}
 
 
-def test_copy_dedup_only_touches_pool_rows(tmp_path):
-    x = np.tile(np.eye(1, 16, dtype=np.float32), (4, 1))  # four identical descriptors
-    roles = [schema.SEED, schema.POOL, schema.EXCLUDE, schema.POOL]
-    table = rows_table(4, roles=roles, sscd_descriptor=descriptor_column(x))
-    result = make_stage(CopyDedupStage, tmp_path).run(table)
-    uid = table.column(schema.UID).to_numpy()
-    assert list(drops_by_uid(result)) == [int(uid[3])]  # the second pool copy only
-    assert result.summary["skipped_not_pool"] == 2
-
-
 def test_rows_without_descriptor_pass_through(tmp_path):
     x = np.tile(np.eye(1, 16, dtype=np.float32), (3, 1))
     col = descriptor_column(x)

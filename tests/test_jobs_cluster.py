@@ -187,9 +187,9 @@ def curate(args: list[str], env: dict, timeout: float = 600) -> subprocess.Compl
 
 
 def runner_records_metrics() -> bool:
-    import curation.runner
+    import curation.shard_ops
 
-    return "record_stage_shard" in inspect.getsource(curation.runner)
+    return "record_stage_shard" in inspect.getsource(curation.shard_ops)
 
 
 @pytest.mark.slow

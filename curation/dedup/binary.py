@@ -58,9 +58,13 @@ def choose_method(n: int, method: Method = "auto") -> str:
 def hamming_pairs(
     codes: np.ndarray, radius: int, method: Method = "auto", query_batch: int = 65_536
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """All pairs ``i < j`` with ``hamming(codes[i], codes[j]) <= radius``.
+    """Pairs ``i < j`` with ``hamming(codes[i], codes[j]) <= radius``, with the connectivity of
+    all such pairs: identical codes are folded first (star edges from the first of each group of
+    equal codes, distance 0), then the distinct codes are searched and each pair found links the
+    first members of the two groups. So a code repeated 10^5 times costs 10^5 edges, not 10^10.
 
-    Returns (i, j, distance, method used). Memory is linear in N plus the number of pairs.
+    Returns (i, j, distance, method used). Memory is linear in N plus the number of pairs found
+    among distinct codes.
     """
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     n, nbytes = codes.shape if codes.ndim == 2 else (0, 0)
@@ -72,6 +76,20 @@ def hamming_pairs(
     if radius == 0:
         i, j = _equal_pairs(codes)
         return i, j, np.zeros(len(i), np.int64), "exact-equal"
+    si, sj = _equal_pairs(codes)
+    view = codes.view(np.dtype((np.void, nbytes))).ravel()
+    _, first = np.unique(view, return_index=True)
+    first = np.sort(first)
+    if len(first) < n:  # search the distinct codes only, then map back to first members
+        di, dj, dd, used = hamming_pairs(codes[first], radius, method, query_batch)
+        i, j = first[di], first[dj]
+        lo, hi = np.minimum(i, j), np.maximum(i, j)
+        return (
+            np.concatenate([np.minimum(si, sj), lo]),
+            np.concatenate([np.maximum(si, sj), hi]),
+            np.concatenate([np.zeros(len(si), np.int64), dd]),
+            used,
+        )
     used = choose_method(n, method)
     nbits = nbytes * 8
     if used == "flat":

@@ -49,14 +49,12 @@ def rows_of(table: pa.Table, mask: np.ndarray) -> Rows:
     return Rows(uid, col(schema.ID, None), col(schema.SOURCE_KEY, None), width * height)
 
 
-def pool_descriptors(table: pa.Table, column: str) -> tuple[Rows, np.ndarray, dict]:
-    """The pool rows that have a descriptor, their float32 [n, d] descriptors, and the counts of
-    rows left out (not pool, no descriptor) for the stage summary."""
+def with_descriptor(table: pa.Table, column: str) -> tuple[Rows, np.ndarray, dict]:
+    """The rows that have a descriptor, their float32 [n, d] descriptors, and the counts of rows
+    used and left out (no descriptor) for the stage summary."""
     x, valid = descriptor_matrix(table.column(column), column)
-    is_pool = role_mask(table, schema.POOL)
-    mask = is_pool & valid
-    counts = {"rows": int(mask.sum()), "skipped_not_pool": int((~is_pool).sum()), "skipped_no_descriptor": int((is_pool & ~valid).sum())}
-    return rows_of(table, mask), x[mask], counts
+    counts = {"rows": int(valid.sum()), "skipped_no_descriptor": int((~valid).sum())}
+    return rows_of(table, valid), x[valid], counts
 
 
 def duplicate_drops(

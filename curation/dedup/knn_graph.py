@@ -9,34 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrieval.index import KnnIndex, SearchParams
-
-
-@dataclass
-class IndexOptions:
-    """How to build the k-NN index (see ``retrieval.index``)."""
-
-    spec: str = "auto"
-    gpu: str = "auto"
-    backend: str = "auto"
-    nprobe: int = 32
-    ef_search: int = 128
-    rerank_factor: int = 2
-    query_batch: int = 16_384
-    max_vectors_per_shard: int = 50_000_000
-    seed: int = 0
-
-    def make_index(self, dim: int) -> KnnIndex:
-        return KnnIndex(
-            dim=dim,
-            spec=self.spec,
-            metric="ip",
-            gpu=self.gpu,
-            backend=self.backend,
-            params=SearchParams(self.nprobe, self.ef_search, self.rerank_factor, self.query_batch),
-            max_vectors_per_shard=self.max_vectors_per_shard,
-            seed=self.seed,
-        )
+from retrieval.index import KnnIndex
 
 
 @dataclass
@@ -55,24 +28,27 @@ class Graph:
         return len(self.src)
 
 
-def knn_edges(x: np.ndarray, k: int, threshold: float, options: IndexOptions | None = None) -> Graph:
-    """Edges of the thresholded k-NN graph of the L2-normalised rows of ``x``.
+def knn_edges(x: np.ndarray, k: int, threshold: float, index: KnnIndex) -> Graph:
+    """Edges of the thresholded k-NN graph of the L2-normalised rows of ``x``, searched with the
+    (empty) ``index``.
 
-    Each row is searched for ``k + 1`` neighbours (its own match is discarded), results are
-    reduced chunk by chunk to edges above ``threshold``, so memory is O(N + edges).
+    Each row is searched for ``k + 1`` neighbours; its own match is discarded and at most ``k``
+    others are kept. Results are reduced chunk by chunk to edges above ``threshold``, so memory
+    is O(N + edges).
     """
     t0 = time.perf_counter()
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
-    options = options or IndexOptions()
     if n < 2:
         empty = np.zeros(0, np.int64)
         return Graph(n, empty, empty, np.zeros(0, np.float32), {}, time.perf_counter() - t0)
-    index = options.make_index(x.shape[1]).add(x)
+    index.add(x)
     src, dst, sim = [], [], []
     for start, sims, ids in index.search_chunks(x, k + 1):
         rows = np.arange(start, start + len(ids), dtype=np.int64)[:, None]
-        keep = (ids >= 0) & (ids != rows) & (sims > threshold)
+        others = (ids >= 0) & (ids != rows)
+        others &= np.cumsum(others, axis=1) <= k  # k neighbours besides itself (ties may hide it)
+        keep = others & (sims > threshold)
         a = np.broadcast_to(rows, ids.shape)[keep]
         b = ids[keep]
         src.append(np.minimum(a, b))
@@ -84,3 +60,24 @@ def knn_edges(x: np.ndarray, k: int, threshold: float, options: IndexOptions | N
     graph = Graph(n, src[first], dst[first], sim[first].astype(np.float32), index.describe(), 0.0)
     graph.seconds = time.perf_counter() - t0
     return graph
+
+
+def graph_recall(x: np.ndarray, index: KnnIndex, k: int, queries: np.ndarray) -> float:
+    """recall@k of ``index`` (already built over ``x``) against exact search, on rows ``queries``
+    (the self match excluded on both sides). 1.0 without computing when the index is exact."""
+    if index.exact or len(queries) == 0:
+        return 1.0
+    import faiss
+
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    kk = min(k + 1, len(x))
+    _, exact = flat.search(x[queries], kk)
+    _, found = index.search(x[queries], kk)
+    hits = total = 0
+    for q, e, f in zip(queries, exact, found):
+        e = [i for i in e if i != q and i >= 0][:k]
+        f = {i for i in f if i != q and i >= 0}
+        hits += len(set(e) & f)
+        total += len(e)
+    return hits / max(1, total)

@@ -46,11 +46,16 @@ def fit_pca(x: np.ndarray, bits: int, sample_size: int = 100_000, seed: int = 0)
 
 
 def sign_codes(x: np.ndarray, projection: PcaProjection, chunk: int = 65_536) -> np.ndarray:
-    """Packed sign bits uint8 [n, bits / 8], computed in chunks (memory linear in n)."""
+    """Packed sign bits uint8 [n, bits / 8], computed in chunks (memory linear in n).
+
+    The projection is done in float64: a sign must not depend on how rows are batched (BLAS
+    sums in an order that depends on the matrix shapes), or the single-task and partitioned
+    forms, which batch rows differently, could disagree on a bit that sits near zero."""
     if projection.bits % 8:
         raise ValueError("bits must be a multiple of 8")
     out = np.empty((len(x), projection.bits // 8), np.uint8)
+    mean, comps = projection.mean.astype(np.float64), projection.components.astype(np.float64)
     for start in range(0, len(x), chunk):
-        proj = (x[start : start + chunk] - projection.mean) @ projection.components.T
+        proj = (x[start : start + chunk].astype(np.float64) - mean) @ comps.T
         out[start : start + chunk] = np.packbits(proj > 0, axis=1)
     return out

@@ -5,6 +5,11 @@ The paper names it without details; we read it as: fit a PCA on a sample of imag
 image on the top ``bits`` components, keep the sign bits as a hash, and treat equal hashes
 (``radius: 0``) or hashes within a small Hamming radius as duplicates. Groups are connected
 components; one image per group is kept (largest width*height, ties by smallest uid).
+
+The PCA sample is a Bernoulli sample by uid hash (about ``sample_size`` rows), so both forms fit
+it on the same rows: the single-task form directly, the partitioned form by collecting the
+sample in a map step and fitting it in one aggregate task; the codes then go through the same
+multi-index-hashing steps as ``phash_dedup``.
 """
 
 from __future__ import annotations
@@ -19,11 +24,17 @@ from pydantic import Field, model_validator
 from curation import schema
 from curation.dedup.binary import hamming, hamming_pairs
 from curation.dedup.components import connected_components
-from curation.dedup.descriptors import normalize_rows
-from curation.dedup.groups import duplicate_drops, pool_descriptors
-from curation.dedup.pca_hash import fit_pca, sign_codes
+from curation.dedup.descriptors import descriptor_matrix, normalize_rows
+from curation.dedup.groups import duplicate_drops, with_descriptor
+from curation.dedup.hash_steps import hash_dedup_steps, hash_summary
+from curation.dedup.pca_hash import PcaProjection, fit_pca, sign_codes
 from curation.dedup.settings import DedupStageConfig
+from curation.partitioned.files import with_partition
+from curation.partitioned.keys import sample_rate, sampled
+from curation.partitioned.steps import AggregateStep, Artifact, MapStep, Output
 from curation.stage import GlobalResult, GlobalStage, Resources, empty_drops
+
+_SAMPLE_SALT = 0x50CA
 
 
 class PcaHashConfig(DedupStageConfig):
@@ -33,7 +44,7 @@ class PcaHashConfig(DedupStageConfig):
     # transformed copies and distractors (benchmarks/dedup_quality.py); more bits split copies.
     bits: int = Field(64, ge=64, le=256, description="sign bits kept (a multiple of 8, at most the descriptor size)")
     radius: int = Field(2, ge=0, description="largest Hamming distance counted as a duplicate; 0 = equal hashes only")
-    sample_size: int = Field(100_000, ge=2, description="descriptors sampled to fit the PCA")
+    sample_size: int = Field(100_000, ge=2, description="descriptors sampled (by uid hash, about this many) to fit the PCA")
     normalize: bool = Field(True, description="L2-normalise descriptors before the PCA")
     index: Literal["auto", "flat", "multihash"] = "auto"
     reason: str = "pca_hash_duplicate"
@@ -56,15 +67,25 @@ class PcaHashStage(GlobalStage):
     def resources(self) -> Resources:
         return Resources(num_cpus=self.config.num_cpus)
 
+    def _vectors(self, x: np.ndarray) -> np.ndarray:
+        return normalize_rows(x) if self.config.normalize else x
+
+    def _sample_mask(self, uids: np.ndarray, n_rows: int) -> np.ndarray:
+        return sampled(uids, sample_rate(self.config.sample_size, n_rows), self.context.seed ^ _SAMPLE_SALT)
+
+    def _fit(self, sample: np.ndarray) -> PcaProjection:
+        if len(sample) < 2:
+            raise ValueError(f"the PCA sample has {len(sample)} descriptors; raise sample_size (now {self.config.sample_size})")
+        return fit_pca(sample, self.config.bits, len(sample), self.context.seed)
+
     def run(self, table: pa.Table) -> GlobalResult:
         cfg, t0 = self.config, time.perf_counter()
-        rows, x, summary = pool_descriptors(table, cfg.descriptor)
-        if cfg.normalize:
-            x = normalize_rows(x)
+        rows, x, summary = with_descriptor(table, cfg.descriptor)
+        x = self._vectors(x)
         if len(rows) < 2:  # nothing to compare (and no PCA to fit)
             summary.update({"edges": 0, "components": 0, "dropped": 0, "seconds": round(time.perf_counter() - t0, 3)})
             return GlobalResult(empty_drops(), summary=summary)
-        projection = fit_pca(x, cfg.bits, cfg.sample_size, self.context.seed)
+        projection = self._fit(x[self._sample_mask(rows.uid, table.num_rows)])
         codes = sign_codes(x, projection)
         del x
         i, j, _, method = hamming_pairs(codes, cfg.radius, cfg.index)
@@ -85,6 +106,69 @@ class PcaHashStage(GlobalStage):
             }
         )
         return GlobalResult(drops, summary=summary)
+
+    # -- partitioned form ------------------------------------------------------------------
+    def partitioned_steps(self):
+        cfg = self.config
+
+        def sample(table, ctx):
+            x, valid = descriptor_matrix(table.column(cfg.descriptor), cfg.descriptor)
+            uids = table.column(schema.UID).to_numpy()
+            keep = valid & self._sample_mask(uids, ctx.state.n_rows)
+            t = pa.table({schema.UID: pa.array(uids[keep], pa.int64()), "x": table.column(cfg.descriptor).filter(pa.array(keep))})
+            return {"sample": with_partition(t, 0)}
+
+        def fit(inputs, ctx):
+            t = inputs["sample/sample"].read()
+            if t is None:
+                return Artifact(facts={"rows": 0})
+            t = t.sort_by(schema.UID)
+            x, _ = descriptor_matrix(t.column("x"), cfg.descriptor)
+            if len(x) < 2:
+                return Artifact(facts={"rows": len(x)})
+            p = self._fit(self._vectors(x))
+            arrays = {"mean": p.mean, "components": p.components, "explained_variance": p.explained_variance, "total_variance": np.float64(p.total_variance)}
+            return Artifact(arrays, {"rows": len(x), "explained_variance_ratio": round(p.explained_variance_ratio, 4)})
+
+        def _projection(ctx) -> PcaProjection | None:
+            a = ctx.artifacts("pca").arrays
+            if "components" not in a:
+                return None
+            return PcaProjection(a["mean"], a["components"], a["explained_variance"], float(a["total_variance"]))
+
+        def codes_of(table, ctx):
+            x, valid = descriptor_matrix(table.column(cfg.descriptor), cfg.descriptor)
+            ctx.count("rows", int(valid.sum()))
+            ctx.count("skipped_no_descriptor", int((~valid).sum()))
+            projection = _projection(ctx)
+            if projection is None:  # fewer than two descriptors: nothing to compare
+                return np.zeros(0, np.int64), np.zeros((0, cfg.bits // 8), np.uint8)
+            return table.column(schema.UID).to_numpy()[valid], sign_codes(self._vectors(x[valid]), projection)
+
+        def score(members, d, k, ctx):
+            x, _ = descriptor_matrix(members.column(cfg.descriptor), cfg.descriptor)
+            codes = sign_codes(self._vectors(x), _projection(ctx))
+            return hamming(codes[d], codes[k])
+
+        return [
+            MapStep("sample", sample, [Output("sample", 1)]),
+            AggregateStep("pca", ["sample/sample"], fit),
+            *hash_dedup_steps(codes_of, cfg.radius, 1, cfg.index, (cfg.descriptor,), cfg.reason, score),
+        ]
+
+    def partitioned_summary(self, counters, facts):
+        summary = hash_summary(counters, self.config.bits, self.config.radius)
+        b = counters.get("buckets", {})
+        summary.update(
+            {
+                "rows": int(b.get("rows", 0)),
+                "skipped_no_descriptor": int(b.get("skipped_no_descriptor", 0)),
+                "bits": self.config.bits,
+                "pca_sample": facts.get("pca", {}).get("rows", 0),
+                "explained_variance_ratio": facts.get("pca", {}).get("explained_variance_ratio"),
+            }
+        )
+        return summary
 
 
 STAGE = PcaHashStage

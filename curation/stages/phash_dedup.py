@@ -1,10 +1,13 @@
 """Near-duplicate removal by perceptual-hash Hamming radius.
 
 Pool images whose hashes differ in at most ``radius`` bits (also against the mirrored image's
-hash when ``flip`` is on) are linked (FAISS binary range search: exact brute force for small N,
-multi-index hashing for large N); linked images form
-groups (connected components) and one image per group is kept: the largest width*height, ties
-by the smallest uid. Seed and evaluation images are never removed here.
+hash when ``flip`` is on) are linked; linked images form groups (connected components) and one
+image per group is kept: the largest width*height, ties by the smallest uid. Seed and
+evaluation images are never removed here (the stage's roles are pool only).
+
+Single-task form: FAISS binary range search over every hash (exact brute force for small N,
+multi-index hashing for large N). Partitioned form: multi-index hashing as a shuffle
+(``curation.dedup.multi_index``), exact as well, so both give the same drops.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from pydantic import Field
 from curation import schema
 from curation.dedup.binary import hamming, hamming_pairs, uint64_to_codes
 from curation.dedup.components import connected_components
-from curation.dedup.groups import duplicate_drops, role_mask, rows_of
-from curation.stages.phash import flip_column
+from curation.dedup.groups import duplicate_drops, rows_of
+from curation.dedup.hash_steps import hash_dedup_steps, hash_summary
 from curation.dedup.settings import DedupStageConfig
 from curation.stage import GlobalResult, GlobalStage, Resources
+from curation.stages.phash import flip_column
 
 
 class PhashDedupConfig(DedupStageConfig):
@@ -40,40 +44,45 @@ class PhashDedupStage(GlobalStage):
     roles = (schema.POOL,)
 
     def input_columns(self):
-        cols = (schema.ID, schema.SOURCE_KEY, schema.WIDTH, schema.HEIGHT, self.config.column)
-        return cols + ((flip_column(self.config.column),) if self.config.flip else ())
+        return (schema.ID, schema.SOURCE_KEY, schema.WIDTH, schema.HEIGHT, *self._hash_columns())
+
+    def _hash_columns(self) -> tuple[str, ...]:
+        return (self.config.column, flip_column(self.config.column)) if self.config.flip else (self.config.column,)
 
     def resources(self) -> Resources:
         return Resources(num_cpus=self.config.num_cpus)
 
+    def _hashed(self, table: pa.Table) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Mask of rows with every hash column, and those columns as packed codes."""
+        mask = np.ones(table.num_rows, bool)
+        for c in self._hash_columns():
+            mask &= table.column(c).is_valid().to_numpy(zero_copy_only=False)
+        keep = pa.array(mask)
+        codes = [uint64_to_codes(table.column(c).filter(keep).to_numpy().astype(np.uint64)) for c in self._hash_columns()]
+        return mask, codes
+
+    def distance(self, codes: np.ndarray, flipped: np.ndarray | None, d, k) -> np.ndarray:
+        """Hamming distance of dropped rows to their kept rows, the mirror included."""
+        best = hamming(codes[d], codes[k])
+        return np.minimum(best, hamming(codes[d], flipped[k])) if flipped is not None else best
+
     def run(self, table: pa.Table) -> GlobalResult:
         t0 = time.perf_counter()
-        hashes = table.column(self.config.column)
-        is_pool = role_mask(table, schema.POOL)
-        mask = is_pool & hashes.is_valid().to_numpy(zero_copy_only=False)
-        if self.config.flip:
-            mask &= table.column(flip_column(self.config.column)).is_valid().to_numpy(zero_copy_only=False)
+        mask, codes = self._hashed(table)
         rows = rows_of(table, mask)
         n = len(rows)
-        codes = uint64_to_codes(hashes.filter(pa.array(mask)).to_numpy().astype(np.uint64))
-        searched = codes
-        if self.config.flip:  # rows n..2n-1 are the mirrored hashes of rows 0..n-1
-            flipped = uint64_to_codes(table.column(flip_column(self.config.column)).filter(pa.array(mask)).to_numpy().astype(np.uint64))
-            searched = np.vstack([codes, flipped])
+        searched = np.vstack(codes)  # with flip, rows n..2n-1 are the mirrors of rows 0..n-1
         i, j, _, method = hamming_pairs(searched, self.config.radius, self.config.index)
         if n:
             i, j = i % n, j % n
         labels = connected_components(n, i, j)
-
-        def distance(d, k):
-            best = hamming(codes[d], codes[k])
-            return np.minimum(best, hamming(codes[d], flipped[k])) if self.config.flip else best
-
-        drops, counts = duplicate_drops(rows, labels, self.config.reason, "hamming_distance", distance)
+        flipped = codes[1] if self.config.flip else None
+        drops, counts = duplicate_drops(
+            rows, labels, self.config.reason, "hamming_distance", lambda d, k: self.distance(codes[0], flipped, d, k)
+        )
         summary = {
-            "rows": int(len(rows)),
-            "skipped_not_pool": int((~is_pool).sum()),
-            "skipped_no_hash": int((is_pool & ~mask).sum()),
+            "rows": int(n),
+            "skipped_no_hash": int((~mask).sum()),
             "edges": int((i != j).sum()),
             "components": counts["groups"],
             "dropped": counts["dropped"],
@@ -83,6 +92,27 @@ class PhashDedupStage(GlobalStage):
             "seconds": round(time.perf_counter() - t0, 3),
         }
         return GlobalResult(drops, summary=summary)
+
+    # -- partitioned form ------------------------------------------------------------------
+    def partitioned_steps(self):
+        def codes_of(table, ctx):
+            mask, codes = self._hashed(table)
+            uids = table.column(schema.UID).to_numpy()[mask]
+            ctx.count("skipped_no_hash", int((~mask).sum()))
+            return np.tile(uids, len(codes)), np.vstack(codes)
+
+        def score(members: pa.Table, d, k, ctx):
+            codes = [uint64_to_codes(members.column(c).to_numpy().astype(np.uint64)) for c in self._hash_columns()]
+            return self.distance(codes[0], codes[1] if self.config.flip else None, d, k)
+
+        return hash_dedup_steps(
+            codes_of, self.config.radius, len(self._hash_columns()), self.config.index, self._hash_columns(), self.config.reason, score
+        )
+
+    def partitioned_summary(self, counters, facts):
+        summary = hash_summary(counters, 64, self.config.radius)
+        summary["skipped_no_hash"] = int(counters.get("buckets", {}).get("skipped_no_hash", 0))
+        return summary
 
 
 STAGE = PhashDedupStage

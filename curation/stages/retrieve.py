@@ -35,10 +35,10 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from curation import schema
+from curation.index_settings import IndexSettings
 from curation.stage import GlobalResult, GlobalStage, Resources, StageConfig, empty_drops, make_drops
 from retrieval.cluster import PAPER_CLUSTERS, cluster_params, cluster_retrieval
 from retrieval.hierarchical_kmeans import kmeans_with_resampling
-from retrieval.index import SearchParams
 from retrieval.kmeans import assign, kmeans
 from retrieval.sample import sample_retrieval
 
@@ -62,11 +62,9 @@ class ClusteringConfig(BaseModel):
 class RetrieveConfig(StageConfig):
     kind: Literal["retrieve"] = "retrieve"
     embedding: str = Field("embedding", description="column written by the embed stage")
-    index: str = Field("auto", description="faiss index_factory string for sample retrieval: auto, Flat, IVF65536,PQ64, HNSW32 ...")
-    nprobe: int = Field(32, ge=1, description="IVF lists visited per query")
+    index: IndexSettings = Field(default_factory=IndexSettings, description="the k-NN index of sample retrieval (and the GPU switch)")
     clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
     max_seed_links: int = Field(16, ge=1, description="seed ids recorded per retrieved image")
-    gpu: Literal["auto", "never", "always"] = "auto"
     num_cpus: float = Field(1, gt=0)
 
 
@@ -120,11 +118,11 @@ class RetrieveStage(GlobalStage):
         )
 
     def resources(self) -> Resources:
-        gpu = self.config.gpu != "never" and self.context.cluster_gpus > 0
+        gpu = self.config.index.gpu != "never" and self.context.cluster_gpus > 0
         return Resources(num_cpus=self.config.num_cpus, num_gpus=1 if gpu else 0)
 
     def manifest_section(self) -> dict:
-        return {"embedding": self.config.embedding, "index": self.config.index, "clustering": self.config.clustering.model_dump()}
+        return {"embedding": self.config.embedding, "index": self.config.index.model_dump(), "clustering": self.config.clustering.model_dump()}
 
     # -- run ------------------------------------------------------------------------------
     def run(self, table: pa.Table) -> GlobalResult:
@@ -204,8 +202,8 @@ class RetrieveStage(GlobalStage):
     def _sample(self, recipe: dict, pool, seeds, seed_rows, name: str, links: _Links) -> dict:
         k, min_sim = int(recipe.get("k", 4)), recipe.get("min_similarity")
         r = sample_retrieval(
-            pool, seeds, k, min_similarity=min_sim, index=self.config.index, gpu=self.config.gpu,
-            params=SearchParams(nprobe=self.config.nprobe), seed=self.context.seed,
+            pool, seeds, k, min_similarity=min_sim, index=self.config.index.spec, gpu=self.config.index.gpu,
+            params=self.config.index.search_params(), seed=self.context.seed,
         )
         links.add(r.pool_idx, seed_rows[r.seed_idx], r.similarity, "sample", name)
         return {"method": "sample", "k": k, "min_similarity": min_sim, "retrieved": r.retrieved, "unique": int(len(r.unique)), "collisions": r.collisions}
@@ -218,10 +216,10 @@ class RetrieveStage(GlobalStage):
         if c.resampling_steps:
             centroids, labels, scores = kmeans_with_resampling(
                 pool, params.clusters, resampling_steps=c.resampling_steps, sample_size=c.resample_size,
-                niter=c.niter, seed=self.context.seed, spherical=True, gpu=self.config.gpu,
+                niter=c.niter, seed=self.context.seed, spherical=True, gpu=self.config.index.gpu,
             )
         else:
-            km = kmeans(pool, params.clusters, niter=c.niter, seed=self.context.seed, spherical=True, gpu=self.config.gpu, max_points_per_centroid=c.max_points_per_centroid)
+            km = kmeans(pool, params.clusters, niter=c.niter, seed=self.context.seed, spherical=True, gpu=self.config.index.gpu, max_points_per_centroid=c.max_points_per_centroid)
             centroids, labels, scores = km.centroids, km.labels, km.scores
         clusters_rule = params.rule.split(";")[0]
         log.info("retrieve: pool k-means with C=%d (%s)", params.clusters, clusters_rule)
@@ -238,7 +236,7 @@ class RetrieveStage(GlobalStage):
         c = self.config.clustering
         params = cluster_params(len(pool), int(recipe.get("per_cluster", 10_000)), c.clusters, c.points_per_cluster)
         log.info("retrieve: %s cluster recipe: %s", name, params.rule)
-        seed_labels = assign(seeds, centroids, True, self.config.gpu)[0] if len(seeds) else np.zeros(0, np.int64)
+        seed_labels = assign(seeds, centroids, True, self.config.index.gpu)[0] if len(seeds) else np.zeros(0, np.int64)
         r = cluster_retrieval(
             labels, scores, seed_labels, len(centroids),
             min_seeds=int(recipe.get("min_seeds", 3)), per_cluster=params.per_cluster, cap=int(recipe.get("cap", 1_000_000)),

@@ -1,0 +1,252 @@
+"""Pure shard operations: ingest a work unit, run a map stage over a shard, emit a shard.
+
+Each reads its inputs from the run directory, writes its outputs and ledger rows atomically and
+marks the shard done; none knows about Ray. The executor (``curation.executor``) decides where
+and how often they run, so a killed or retried worker only ever redoes whole shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation import schema
+from curation.ledger import DROPPED, KEPT, LEDGER_BASE_COLUMNS, ledger_rows
+from curation.metrics import record_stage_shard
+from curation.stage import MapStage, Stage, StageContext, StageError, stage_class
+from curation.store import RunStore, ShardView, StageRecord, write_parquet_atomic
+
+log = logging.getLogger("curation")
+
+
+def build_stage(kind: str, config: dict, context: dict) -> Stage:
+    cls = stage_class(kind)
+    return cls(cls.Config.model_validate(config), StageContext.from_dict(context))
+
+
+@dataclass
+class StageSpec:
+    """Everything a worker needs to rebuild a stage and find its inputs; plain data for Ray."""
+
+    kind: str
+    config: dict
+    context: dict
+    record: dict
+    history: list[dict]
+
+    def stage(self) -> Stage:
+        return build_stage(self.kind, self.config, self.context)
+
+    def rec(self) -> StageRecord:
+        return StageRecord(**self.record)
+
+    def view(self, store: RunStore) -> ShardView:
+        return ShardView(store, [StageRecord(**h) for h in self.history])
+
+
+def count_reasons(reasons) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in reasons:
+        out[r] = out.get(r, 0) + 1
+    return out
+
+
+def shard_stats(n_in: int, n_out: int, ledger: pa.Table, seconds: float) -> dict:
+    return {"in": n_in, "out": n_out, "dropped": count_reasons(ledger.column("reason").to_pylist()), "seconds": round(seconds, 4)}
+
+
+def drop_ledger(base: pa.Table, mask: pa.Array, stage_name: str, reasons: pa.Array, details: pa.Array) -> pa.Table:
+    return ledger_rows(base.filter(mask), stage_name, DROPPED, reasons.filter(mask), details.filter(mask))
+
+
+def role_filter(table: pa.Table, roles) -> pa.Array:
+    """bool mask of the rows whose role a stage applies to."""
+    return pc.fill_null(pc.is_in(table.column(schema.ROLE), value_set=pa.array(list(roles), pa.string())), False)
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest
+# ---------------------------------------------------------------------------------------------
+def ingest_shard(run_dir: str, record: dict, unit: dict, ingest_cfg: dict) -> dict:
+    from curation.config import IngestConfig
+    from curation.ingest.plan import WorkUnit
+    from curation.ingest.read import read_unit
+
+    t0 = time.perf_counter()
+    store, rec = RunStore(run_dir), StageRecord(**record)
+    wu = WorkUnit.from_dict(unit)
+    table = read_unit(wu, IngestConfig.model_validate(ingest_cfg))
+    reasons = table.column(schema.DROP_REASON)
+    dropped = pc.is_valid(reasons)
+    ledger = drop_ledger(table, dropped, rec.name, reasons, table.column(schema.DROP_DETAILS))
+    kept = table.filter(pc.invert(dropped)).select(schema.INGEST_SCHEMA.names).cast(schema.INGEST_SCHEMA)
+    write_parquet_atomic(ledger, store.ledger_path(rec, wu.shard))
+    write_parquet_atomic(kept, store.part_path(rec, wu.shard))
+    stats = shard_stats(table.num_rows, kept.num_rows, ledger, time.perf_counter() - t0)
+    store.mark_shard_done(rec, wu.shard, stats)
+    record_stage_shard(rec.name, {**stats, "bytes": int(pc.sum(pc.binary_length(kept.column(schema.BYTES))).as_py() or 0)})
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# map stages
+# ---------------------------------------------------------------------------------------------
+def _process_rows(stage: MapStage, rows: pa.Table, out_schema: pa.Schema) -> pa.Table:
+    """Run ``stage.process``; if a batch raises, retry row by row and drop only the rows that
+    still fail (reason ``stage_error``) so one bad image never stops a run."""
+    try:
+        return _check_output(stage, rows, stage.process(rows), out_schema)
+    except Exception as batch_error:  # noqa: BLE001 - isolate the failing rows below
+        if rows.num_rows == 1:
+            return _error_row(rows, out_schema, stage, batch_error)
+        log.warning("stage %s: batch failed (%s); retrying row by row", stage.name, batch_error)
+    pieces = []
+    for i in range(rows.num_rows):
+        one = rows.slice(i, 1)
+        try:
+            pieces.append(_check_output(stage, one, stage.process(one), out_schema))
+        except Exception as e:  # noqa: BLE001
+            pieces.append(_error_row(one, out_schema, stage, e))
+    return pa.concat_tables(pieces)
+
+
+def _check_output(stage: MapStage, rows: pa.Table, out: pa.Table, out_schema: pa.Schema) -> pa.Table:
+    if out.num_rows != rows.num_rows:
+        raise StageError(f"stage {stage.name} returned {out.num_rows} rows for {rows.num_rows}")
+    cols = {schema.UID: rows.column(schema.UID)}
+    for f in out_schema:
+        if f.name not in out.column_names:
+            raise StageError(f"stage {stage.name} did not return its output column {f.name!r}")
+        cols[f.name] = out.column(f.name).cast(f.type)
+    n = rows.num_rows
+    for c in (schema.DROP_REASON, schema.DROP_DETAILS):
+        cols[c] = out.column(c).cast(pa.string()) if c in out.column_names else pa.nulls(n, pa.string())
+    return pa.table(cols)
+
+
+def _error_row(row: pa.Table, out_schema: pa.Schema, stage: Stage, error: Exception) -> pa.Table:
+    cols = {schema.UID: row.column(schema.UID)}
+    for f in out_schema:
+        cols[f.name] = pa.nulls(1, f.type)
+    cols[schema.DROP_REASON] = pa.array(["stage_error"], pa.string())
+    cols[schema.DROP_DETAILS] = pa.array([json.dumps({"stage": stage.name, "error": f"{type(error).__name__}: {error}"[:500]})])
+    return pa.table(cols)
+
+
+def _passthrough(passing: pa.Table, out_schema: pa.Schema) -> pa.Table:
+    """Rows of other roles: replaced columns keep their value (null = unchanged, the store falls
+    back to the earlier writer), new columns are null."""
+    n = passing.num_rows
+    cols = {schema.UID: passing.column(schema.UID)}
+    for f in out_schema:
+        cols[f.name] = pa.nulls(n, f.type)
+    cols[schema.DROP_REASON] = pa.nulls(n, pa.string())
+    cols[schema.DROP_DETAILS] = pa.nulls(n, pa.string())
+    return pa.table(cols)
+
+
+def map_shard(stage: MapStage, spec: StageSpec, store: RunStore, shard: int) -> dict:
+    t0 = time.perf_counter()
+    rec, view = spec.rec(), spec.view(store)
+    out_schema = stage.output_schema()
+    read_cols = list(dict.fromkeys([schema.ROLE, *LEDGER_BASE_COLUMNS, *stage.input_columns()]))
+    table = view.read(shard, read_cols)
+    applies = role_filter(table, stage.roles)
+    todo = table.filter(applies)
+    bs = max(1, stage.resources().batch_size)
+    outputs = [_process_rows(stage, todo.slice(i, bs), out_schema) for i in range(0, todo.num_rows, bs)]
+    result = pa.concat_tables([*outputs, _passthrough(table.filter(pc.invert(applies)), out_schema)])
+    result = result.sort_by(schema.UID)
+    base = table.take(pc.index_in(result.column(schema.UID), value_set=table.column(schema.UID)))
+    errors = pc.sum(pc.equal(result.column(schema.DROP_REASON), "stage_error")).as_py() or 0
+    if todo.num_rows >= 4 and errors == todo.num_rows:
+        raise StageError(f"stage {stage.name} failed on every row of shard {shard}: {result.column(schema.DROP_DETAILS)[0]}")
+    reasons = result.column(schema.DROP_REASON)
+    dropped = pc.is_valid(reasons)
+    ledger = drop_ledger(base, dropped, rec.name, reasons, result.column(schema.DROP_DETAILS))
+    kept = result.filter(pc.invert(dropped)).select([schema.UID, *out_schema.names])
+    write_parquet_atomic(ledger, store.ledger_path(rec, shard))
+    write_parquet_atomic(kept, store.part_path(rec, shard))
+    stats = shard_stats(table.num_rows, kept.num_rows, ledger, time.perf_counter() - t0)
+    store.mark_shard_done(rec, shard, stats)
+    record_stage_shard(rec.name, stats)
+    return stats
+
+
+class MapShardWorker:
+    """Ray Data actor: builds the stage once (``setup``) and processes whole shards."""
+
+    def __init__(self, spec: dict, run_dir: str):
+        self.spec = StageSpec(**spec)
+        self.store = RunStore(run_dir)
+        self.stage = self.spec.stage()
+        self.stage.setup()
+
+    def __call__(self, batch: dict) -> dict:
+        stats = [map_shard(self.stage, self.spec, self.store, int(s)) for s in batch["shard"]]
+        return {"shard": np.asarray(batch["shard"]), "stats": np.asarray([json.dumps(s) for s in stats])}
+
+
+# ---------------------------------------------------------------------------------------------
+# emit: the dataset shards and the "kept" ledger rows
+# ---------------------------------------------------------------------------------------------
+PROVENANCE = {
+    "method": pa.string(),
+    "seed_dataset": pa.string(),
+    "seed_ids": pa.list_(pa.string()),
+    "similarity": pa.float32(),
+    "cluster_id": pa.int64(),
+}
+
+
+def dataset_columns(view: ShardView, shard: int) -> list[str]:
+    """Every column worth shipping: base + provenance + scalar stage outputs. Descriptors and
+    embeddings (fixed-size lists) stay in their stage directories and are never read here."""
+    return [
+        c for c, typ in view.column_types(shard).items()
+        if c not in (schema.DROP_REASON, schema.DROP_DETAILS) and not pa.types.is_fixed_size_list(typ)
+    ]
+
+
+def emit_shard(run_dir: str, spec: dict, shard: int, as_is: list[str], has_retrieval: bool) -> dict:
+    t0 = time.perf_counter()
+    spec_ = StageSpec(**spec)
+    store, rec, view = RunStore(run_dir), spec_.rec(), spec_.view(RunStore(run_dir))
+    table = view.read(shard, dataset_columns(view, shard))
+    role = table.column(schema.ROLE)
+    is_pool = pc.equal(role, schema.POOL)
+    is_seed = pc.equal(role, schema.SEED)
+    seed_as_is = pc.and_(is_seed, pc.is_in(table.column(schema.SEED_DATASET), value_set=pa.array(as_is, pa.string())))
+    kept_mask = pc.fill_null(pc.or_(is_pool, seed_as_is), False)
+    reasons = pc.if_else(pc.equal(role, schema.EXCLUDE), pa.scalar("evaluation_set"), pa.scalar("used_as_query"))
+    details = pa.array([json.dumps({"role": r}) for r in role.to_pylist()], pa.string())
+    ledger_drop = drop_ledger(table, pc.invert(kept_mask), rec.name, reasons, details)
+    kept = _fill_provenance(table.filter(kept_mask), has_retrieval)
+    ledger = pa.concat_tables([ledger_drop, ledger_rows(kept, rec.name, KEPT)]).sort_by(schema.UID)
+    write_parquet_atomic(ledger, store.ledger_path(rec, shard))
+    out_path = store.dataset_dir / f"part-{shard:05d}.parquet"
+    if kept.num_rows:
+        write_parquet_atomic(kept, out_path, row_group_size=256)
+    elif out_path.exists():
+        out_path.unlink()
+    stats = shard_stats(table.num_rows, kept.num_rows, ledger_drop, time.perf_counter() - t0)
+    store.mark_shard_done(rec, shard, stats)
+    record_stage_shard(rec.name, stats)
+    return stats
+
+
+def _fill_provenance(kept: pa.Table, has_retrieval: bool) -> pa.Table:
+    """Seeds are taken as they are; pool images carry the retrieve stage's method or, without
+    retrieval, 'pool'."""
+    for name, typ in PROVENANCE.items():
+        if name not in kept.column_names:
+            kept = kept.append_column(name, pa.nulls(kept.num_rows, typ))
+    pool_method = pc.coalesce(kept.column("method"), pa.scalar("retrieved" if has_retrieval else "pool"))
+    method = pc.if_else(pc.equal(kept.column(schema.ROLE), schema.SEED), pa.scalar("as_is"), pool_method)
+    return kept.set_column(kept.column_names.index("method"), "method", method)
