@@ -53,7 +53,8 @@ sys.path.insert(0, str(ROOT))
 from curation.dedup.binary import hamming_pairs, uint64_to_codes  # noqa: E402
 from curation.dedup.components import connected_components  # noqa: E402
 from curation.dedup.descriptors import normalize_rows  # noqa: E402
-from curation.dedup.knn_graph import IndexOptions, knn_edges  # noqa: E402
+from curation.dedup.knn_graph import knn_edges  # noqa: E402
+from curation.index_settings import IndexSettings  # noqa: E402
 from curation.dedup.pca_hash import fit_pca, sign_codes  # noqa: E402
 from curation.imaging import decode_rgb  # noqa: E402
 from curation.stages.phash import image_hash  # noqa: E402
@@ -337,7 +338,7 @@ def our_methods(feats: dict, items: list[dict], truth: set, feature_seconds: flo
             out.append(evaluate(f"ours pca_hash pixels {bits}b r<={r}", n, i, j, items, truth, time.perf_counter() - t0, "pca_hash", {"bits": bits, "radius": r}))
     for thr in (0.8, 0.85, 0.9, 0.95):
         t0 = time.perf_counter()
-        g = knn_edges(x, 64, thr, IndexOptions(spec="Flat", gpu="never"))
+        g = knn_edges(x, 64, thr, IndexSettings(spec="Flat", gpu="never").make_index(x.shape[1]))
         out.append(evaluate(f"ours knn cos>{thr} pixels", n, g.src, g.dst, items, truth, time.perf_counter() - t0, "knn-pixels", {"k": 64, "threshold": thr}))
     for o in out:
         o["feature_seconds"] = round(feature_seconds, 2)

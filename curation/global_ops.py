@@ -21,6 +21,11 @@ from curation.stage import GlobalResult, GlobalStage, StageError, empty_drops
 from curation.store import RunStore, StageRecord, split_by_shard, write_parquet_atomic
 
 
+def empty_base() -> pa.Table:
+    """uid plus the ledger columns, no rows."""
+    return pa.table({schema.UID: pa.array([], pa.int64()), **{c: pa.array([], pa.string()) for c in LEDGER_BASE_COLUMNS}})
+
+
 def global_input_columns(stage: GlobalStage) -> list[str]:
     return list(dict.fromkeys([schema.ROLE, *stage.input_columns()]))
 
@@ -85,7 +90,7 @@ def run_single_task(spec: dict, run_dir: str, shards: list[int]) -> dict:
     assert isinstance(stage, GlobalStage)
     cols = list(dict.fromkeys([*LEDGER_BASE_COLUMNS, *global_input_columns(stage)]))
     parts = [view.read(s, cols) for s in shards]
-    table = pa.concat_tables(parts) if parts else pa.table({schema.UID: pa.array([], pa.int64()), **{c: pa.array([], pa.string()) for c in LEDGER_BASE_COLUMNS}})
+    table = pa.concat_tables(parts) if parts else empty_base()
     total = table.num_rows
     table = table.filter(role_filter(table, stage.roles)).sort_by(schema.UID)
     result: GlobalResult = stage.run(table.select([schema.UID, *global_input_columns(stage)]))

@@ -37,6 +37,8 @@ from curation.partitioned.components import edge_rows, star_forest
 from curation.partitioned.files import with_partition
 from curation.partitioned.keys import partition_of, sample_rate, sampled
 from curation.partitioned.steps import AggregateStep, Artifact, ComponentsStep, MapStep, Output, ReduceStep, TaskContext
+from retrieval.index import knn_search
+from retrieval.kmeans import kmeans
 
 _TRAIN_SALT, _QUERY_SALT = 0x7A1, 0x9E7
 PRIMARY, VEC = "primary", "x"
@@ -119,9 +121,8 @@ def knn_graph_steps(descriptor: str, k: int, threshold: float, settings, seed: i
             train = train.sort_by(schema.UID)
             xt, _ = descriptor_matrix(train.column(VEC), VEC)
             lists = min(n_lists(ctx.state.n_rows, settings.list_size), len(xt))
-            km = faiss.Kmeans(xt.shape[1], lists, niter=20, seed=seed, spherical=True, gpu=_faiss_gpu(settings),
-                              max_points_per_centroid=max(256, settings.train_points_per_list))
-            km.train(xt)
+            km = kmeans(xt, lists, niter=20, seed=seed, spherical=True, gpu=settings.gpu,
+                        max_points_per_centroid=max(256, settings.train_points_per_list))
             arrays["centroids"] = km.centroids.astype(np.float32)
         facts = {"lists": lists, "train_rows": 0 if train is None else train.num_rows,
                  "recall_queries": int(len(arrays.get("query_uids", []))), "train_seconds": round(time.perf_counter() - t0, 3)}
@@ -136,9 +137,7 @@ def knn_graph_steps(descriptor: str, k: int, threshold: float, settings, seed: i
         lists = art.facts["lists"]
         probe = min(settings.list_probe, lists)
         if lists > 1:
-            cq = faiss.IndexFlatIP(x.shape[1])
-            cq.add(art.arrays["centroids"])
-            _, nearest = cq.search(x, probe)
+            _, nearest = knn_search(art.arrays["centroids"], x, probe, spec="Flat", gpu=settings.gpu)
         else:
             nearest = np.zeros((len(uids), 1), np.int64)
         rows = np.repeat(np.arange(len(uids)), probe)
@@ -235,10 +234,6 @@ def _query_chunks(part, descriptor: str):
     for c in part.chunks([schema.UID, VEC]):
         x, _ = descriptor_matrix(c.column(VEC), descriptor)
         yield c.column(schema.UID).to_numpy(), normalize_rows(x)
-
-
-def _faiss_gpu(settings) -> bool:
-    return settings.gpu != "never" and faiss.get_num_gpus() > 0
 
 
 def graph_summary(counters: dict, facts: dict, k: int, threshold: float, settings) -> dict:

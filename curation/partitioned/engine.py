@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import schema
-from curation.global_ops import global_input_columns, global_stats, write_global_shard
+from curation.global_ops import empty_base, global_input_columns, global_stats, write_global_shard
 from curation.ledger import LEDGER_BASE_COLUMNS
 from curation.metrics import record_stage_shard
 from curation.partitioned import files
@@ -40,7 +40,7 @@ from curation.partitioned.steps import (
 )
 from curation.shard_ops import StageSpec, role_filter
 from curation.stage import StageError, empty_drops
-from curation.store import RunStore, read_json, write_json_atomic
+from curation.store import RunStore, read_json, split_by_shard, write_json_atomic
 
 log = logging.getLogger("curation")
 
@@ -106,8 +106,6 @@ def resolve_step(steps: list, name: str, plan: dict):
             return components.inner_step(step, name, plan)
         if step.name == name:
             return step
-    if name == COUNT:
-        return None
     raise StageError(f"no step named {name!r}")
 
 
@@ -189,7 +187,7 @@ def _run_step(step, ctx: TaskContext, view, steps_dir: Path, plan: dict) -> dict
         ds = _dataset(steps_dir, step.input)
         producer, name = step.input.split("/")
         ctx.input_partitions = int(plan["partitions"].get(producer, {}).get(name, 0))
-        if getattr(step, "whole", False):
+        if step.whole:
             parts = [] if ds is None else [PartitionInput(ds, int(p)) for p in ds.partitions()]
             return step.fn(parts, ctx)
         return step.fn(PartitionInput(ds, ctx.task), ctx)
@@ -211,13 +209,11 @@ def _builtin(name: str, stage, view, store: RunStore, rec, plan: dict, task: int
     ds = _dataset(store.steps_dir(rec), plan["drops"])
     drops = PartitionInput(ds, task).read() if ds is not None else None
     drops = drops if drops is not None else empty_drops()
-    from curation.store import split_by_shard
-
     by_shard = split_by_shard(drops)
     reasons: dict[str, int] = {}
     for shard in shards:
         part = by_shard.get(shard, empty_drops())
-        base = view.read(shard, LEDGER_BASE_COLUMNS) if part.num_rows else pa.table({schema.UID: pa.array([], pa.int64()), **{c: pa.array([], pa.string()) for c in LEDGER_BASE_COLUMNS}})
+        base = view.read(shard, LEDGER_BASE_COLUMNS) if part.num_rows else empty_base()
         write_global_shard(store, rec, shard, base, part, None, stage.output_schema())
         for r in part.column(schema.DROP_REASON).to_pylist():
             reasons[r] = reasons.get(r, 0) + 1
@@ -326,7 +322,7 @@ class PartitionedRun:
             self.run_step_tasks(step.name, list(range(n_groups)), [o.name for o in step.outputs])
         elif isinstance(step, ReduceStep):
             self.set_partitions(step.name, step.outputs)
-            tasks = [0] if getattr(step, "whole", False) else self.input_partitions(step.input)
+            tasks = [0] if step.whole else self.input_partitions(step.input)
             self.run_step_tasks(step.name, tasks, [o.name for o in step.outputs])
         elif isinstance(step, AggregateStep):
             stats = self.run_step_tasks(step.name, [0], [])

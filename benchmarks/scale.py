@@ -1,0 +1,342 @@
+"""Scale of the partitioned deduplication stages: memory per task bounded, time ~ N log N.
+
+Synthetic crawl rows (``curation.dedup.synthetic.scale_dataset``: 256-d float16 copy-detection
+descriptors with semantic structure and planted copy and re-encode groups, 64-bit hashes with
+planted near-duplicates, content ids with exact duplicates, plus 1% evaluation images of which
+half are copies of pool images) are written as ingest shards into a run directory, and every
+deduplication stage runs through the real executor on a local Ray in its partitioned form:
+``exact_dedup``, ``phash_dedup`` (radius 6), ``pca_hash`` (64 bits, radius 2), ``copy_dedup``
+(k = 64) and ``decontaminate``. Each N runs in a fresh driver process. Reported per stage:
+
+* wall seconds, and the task seconds per step;
+* peak RSS of the largest task (sampled inside every task) and of the driver;
+* planted groups recovered (all members of a planted group end in one kept image), and rows
+  dropped that no planted group explains (genuine collisions: e.g. random 64-bit hashes within
+  radius 6, about N^2/2 x 4.5e-12 pairs);
+* for the k-NN graph: recall@64 against exact search on ~1,000 sampled queries (measured by the
+  stage itself, on every run) and the IVF search time against the exact search time (the exact
+  search of the sampled queries, timed in the same run, scaled to all N queries).
+
+With ``--two-node`` the smallest N is run again on a loopback two-node cluster (``ray start``
+twice on 127.0.0.1, one CPU each): it reports which nodes ran each step's tasks and whether
+every stage's drops are identical to the single-node run.
+
+    .venv/bin/python benchmarks/scale.py --quick              # 20k and 40k rows, seconds
+    .venv/bin/python benchmarks/scale.py --two-node           # 0.5M, 1M, 2M, 4M (hours on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, write_result  # noqa: E402  (benchmarks/ is on sys.path)
+
+import numpy as np  # noqa: E402
+
+DIM = 256
+THRESHOLD = 0.8  # copies sit at cosine >= 0.88 in this synthetic space, distinct images below 0.7
+STAGES = {
+    "exact_dedup": {},
+    "phash_dedup": {"radius": 6, "flip": False},
+    "pca_hash": {"descriptor": "sscd_descriptor", "bits": 64, "radius": 2},
+    "copy_dedup": {"threshold": THRESHOLD, "index": {"list_size": 50_000, "list_probe": 3}},
+    "decontaminate": {"threshold": THRESHOLD, "index": {"list_size": 50_000, "list_probe": 3}},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Child: one N in its own process
+# ---------------------------------------------------------------------------------------------
+def write_shards(run_dir: Path, n: int, shard_rows: int, seed: int):
+    """Ingest-shaped shards of the synthetic rows; returns the data and the ingest record."""
+    import pyarrow as pa
+
+    from curation import schema
+    from curation.dedup.synthetic import scale_dataset
+    from curation.store import INGEST, RunStore, StageRecord, write_parquet_atomic
+
+    n_eval = max(10, n // 100)
+    data = scale_dataset(n + n_eval, DIM, seed=seed)
+    rng = np.random.default_rng(seed + 7)
+    role = np.full(n + n_eval, schema.POOL, object)
+    # Evaluation images: half of them copies of pool images (rows of copy groups), half unrelated.
+    in_groups = np.flatnonzero(np.bincount(data.copy_group)[data.copy_group] > 1)
+    singles = np.setdiff1d(np.arange(n + n_eval), in_groups)
+    evals = np.concatenate([rng.choice(in_groups, n_eval // 2, replace=False), rng.choice(singles, n_eval - n_eval // 2, replace=False)])
+    role[evals] = schema.EXCLUDE
+    width, height = rng.integers(64, 1024, n + n_eval), rng.integers(64, 1024, n + n_eval)
+    rec = StageRecord(0, "ingest", "ingest", INGEST, [schema.ID, schema.ROLE, schema.SOURCE, schema.SOURCE_KEY, schema.WIDTH, schema.HEIGHT, schema.SEED_DATASET, "phash", "sscd_descriptor"])
+    store = RunStore(run_dir)
+    total = n + n_eval
+    for shard, start in enumerate(range(0, total, shard_rows)):
+        stop = min(total, start + shard_rows)
+        rows = np.arange(start, stop)
+        uid = (np.int64(shard) << schema.UID_SHARD_BITS) | np.arange(stop - start, dtype=np.int64)
+        ids = data.ids[rows]
+        ids = np.where(role[rows] == schema.EXCLUDE, -(rows + 1), ids)  # evaluation ids are their own
+        x = data.x[rows]
+        t = pa.table(
+            {
+                schema.UID: pa.array(uid, pa.int64()),
+                schema.ID: pa.array([f"{int(v) & (2**64 - 1):016x}" for v in ids]),
+                schema.ROLE: pa.array(role[rows].tolist()),
+                schema.SOURCE: pa.array(["synthetic"] * len(rows)),
+                schema.SOURCE_KEY: pa.array([f"r{r}" for r in rows]),
+                schema.WIDTH: pa.array(width[rows], pa.int32()),
+                schema.HEIGHT: pa.array(height[rows], pa.int32()),
+                schema.SEED_DATASET: pa.nulls(len(rows), pa.string()),
+                "phash": pa.array(data.phash[rows], pa.uint64()),
+                "sscd_descriptor": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float16()), DIM),
+            }
+        )
+        write_parquet_atomic(t, store.part_path(rec, shard))
+        store.mark_shard_done(rec, shard, {})
+    uids = np.concatenate([(np.int64(s) << schema.UID_SHARD_BITS) | np.arange(min(shard_rows, total - s * shard_rows), dtype=np.int64) for s in range(math.ceil(total / shard_rows))])
+    return data, role, uids, rec
+
+
+def read_drops(stage_dir: Path) -> dict[int, int]:
+    """uid -> kept uid (the image each drop was a copy of; for decontamination the uid itself)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((stage_dir / "drops").glob("*.parquet"))
+    t = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    if t is None or t.num_rows == 0:
+        return {}
+    out = {}
+    for u, d in zip(t.column("uid").to_pylist(), t.column("drop_details").to_pylist()):
+        details = json.loads(d) if d else {}
+        out[u] = details.get("kept_uid", u)
+    return out
+
+
+def digest(stage_dir: Path) -> str:
+    import pyarrow.parquet as pq
+
+    h = hashlib.sha256()
+    for f in sorted((stage_dir / "drops").glob("*.parquet")):
+        t = pq.read_table(f)
+        for row in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+            h.update(repr(row).encode())
+    return h.hexdigest()[:16]
+
+
+def recovery(groups: np.ndarray, uids: np.ndarray, applies: np.ndarray, dropped: dict[int, int], explained: np.ndarray | None = None) -> dict:
+    """Planted groups (rows sharing a value of ``groups`` among the rows the stage applies to)
+    whose members all end in one kept image; and drops that no planted duplicate explains
+    (``explained``: rows planted as duplicates of any kind, by default those of ``groups``)."""
+    rows = np.flatnonzero(applies)
+    g = groups[rows]
+    size = np.bincount(g, minlength=int(groups.max()) + 1)[g]
+    comp = np.array([dropped.get(int(u), int(u)) for u in uids[rows]], np.int64)
+    planted = size > 1
+    order = np.lexsort((comp[planted], g[planted]))
+    gp, cp = g[planted][order], comp[planted][order]
+    starts = np.flatnonzero(np.r_[True, gp[1:] != gp[:-1]])
+    ok = np.minimum.reduceat(cp, starts) == np.maximum.reduceat(cp, starts) if len(starts) else np.zeros(0, bool)
+    was_dropped = np.array([int(u) in dropped for u in uids[rows]])
+    explained = planted if explained is None else explained[rows]
+    return {
+        "planted_groups": int(len(starts)),
+        "recovered": int(ok.sum()),
+        "expected_drops": int(planted.sum() - len(starts)),
+        "drops": int(was_dropped.sum()),
+        "unplanted_rows_dropped": int((was_dropped & ~explained).sum()),
+    }
+
+
+def contamination(data, role: np.ndarray, uids: np.ndarray, dropped: dict[int, int]) -> dict:
+    """Pool rows of copy groups that hold an evaluation image must all be dropped."""
+    from curation import schema
+
+    g = data.copy_group
+    tainted = np.zeros(int(g.max()) + 1, bool)
+    tainted[g[role == schema.EXCLUDE]] = True
+    pool = role == schema.POOL
+    size = np.bincount(g)[g]
+    expected = pool & tainted[g] & (size > 1)
+    was = np.array([int(u) in dropped for u in uids])
+    return {
+        "contaminated_groups": int(len(np.unique(g[expected]))),
+        "expected_drops": int(expected.sum()),
+        "recovered": int((was & expected).sum()),
+        "drops": int(was.sum()),
+        "unplanted_rows_dropped": int((was & pool & ~expected).sum()),
+    }
+
+
+def child(n: int, shard_rows: int, seed: int, address: str | None, work: Path, stages: list[str]) -> dict:
+    import ray
+
+    from curation import schema
+    from curation.config import ExecutionConfig
+    from curation.executor import RayExecutor
+    from curation.shard_ops import StageSpec
+    from curation.stage import StageContext, stage_class
+    from curation.store import GLOBAL, RunStore, StageRecord
+
+    t0 = time.perf_counter()
+    run_dir = work / f"run-{n}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    data, role, uids, base = write_shards(run_dir, n, shard_rows, seed)
+    gen_seconds = time.perf_counter() - t0
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    store = RunStore(run_dir)
+    execution = ExecutionConfig(global_stages="partitioned")
+    out = {"n": n, "eval_rows": int((role == schema.EXCLUDE).sum()), "generate_seconds": round(gen_seconds, 1), "stages": {}}
+    for i, kind in enumerate(stages, start=1):
+        cls = stage_class(kind)
+        cfg = cls.Config.model_validate({"kind": kind, **STAGES[kind]})
+        rec = StageRecord(i, cfg.stage_name, kind, GLOBAL, [])
+        ctx = StageContext(run_dir=run_dir, stage_dir=store.stage_dir(rec), seed=seed)
+        spec = StageSpec(kind, cfg.model_dump(mode="json"), ctx.to_dict(), rec.to_dict(), [base.to_dict()])
+        t1 = time.perf_counter()
+        stats = RayExecutor(store, execution).global_stage(spec.stage(), spec)
+        wall = time.perf_counter() - t1
+        dropped = read_drops(store.stage_dir(rec))
+        pool = role == schema.POOL
+        if kind == "exact_dedup":
+            rec_ = recovery(np.unique(data.ids, return_inverse=True)[1].reshape(-1), uids, pool, dropped)
+        elif kind == "phash_dedup":
+            rec_ = recovery(data.hash_group, uids, pool, dropped)
+        elif kind == "pca_hash":
+            in_copy_group = np.bincount(data.copy_group)[data.copy_group] > 1  # copies caught too: not false
+            rec_ = recovery(np.where(data.reencode, data.copy_group, np.arange(len(uids)) + data.copy_group.max() + 1), uids, pool, dropped, in_copy_group)
+        elif kind == "copy_dedup":
+            rec_ = recovery(data.copy_group, uids, pool, dropped)
+        else:
+            rec_ = contamination(data, role, uids, dropped)
+        steps = stats["steps"]
+        out["stages"][kind] = {
+            "wall_seconds": round(wall, 2),
+            "largest_task_peak_rss_mb": max(s["peak_rss_mb_max"] for s in steps),
+            "largest_task_step": max(steps, key=lambda s: s["peak_rss_mb_max"])["step"],
+            "steps": steps,
+            "summary": stats["summary"],
+            "recovery": rec_,
+            "drops_digest": digest(store.stage_dir(rec)),
+            "nodes": sorted({nd for s in steps for nd in s["nodes"]}),
+        }
+    out["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["run_dir_gb"] = round(sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2**30, 2)
+    ray.shutdown()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: sizes, the two-node cluster, the table
+# ---------------------------------------------------------------------------------------------
+def run_child(args, n: int, address: str | None = None, env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(n), "--shard-rows", str(args.shard_rows), "--seed", str(args.seed), "--work", str(args.work), "--stages", *args.stages]
+    if address:
+        cmd += ["--address", address]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ.copy())
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"N={n} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(line)
+
+
+def two_node(args, n: int) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from tests.test_jobs_cluster import LocalCluster
+
+    root = Path(tempfile.mkdtemp(prefix="scale-cluster-"))
+    cluster = LocalCluster(root).start()
+    try:
+        env = {**cluster.env, "PYTHONPATH": str(ROOT)}
+        return run_child(args, n, address=f"127.0.0.1:{cluster.gcs_port}", env=env)
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def print_table(runs: list[dict], stages: list[str]) -> None:
+    print(f"{'stage':<14} {'N':>9} {'wall s':>8} {'task RSS MB':>11} {'driver MB':>9} {'groups ok':>15} {'unplanted':>9} {'recall@64':>9} {'search/exact':>12}")
+    for r in runs:
+        for kind in stages:
+            s = r["stages"][kind]
+            rec = s["recovery"]
+            ok = f"{rec['recovered']}/{rec.get('planted_groups', rec.get('expected_drops'))}"
+            summ = s["summary"]
+            recall = summ.get("recall_at_64")
+            exact = summ.get("exact_search_seconds_estimate")
+            ratio = f"{summ['search_seconds'] / exact:.3f}" if exact else "-"
+            print(f"{kind:<14} {r['n']:>9} {s['wall_seconds']:>8.1f} {s['largest_task_peak_rss_mb']:>11.0f} {r['driver_peak_rss_mb']:>9.0f} {ok:>15} {rec['unplanted_rows_dropped']:>9} {recall if recall is not None else '-':>9} {ratio:>12}")
+
+
+def scaling(runs: list[dict], stages: list[str]) -> dict:
+    a, b = runs[0], runs[-1]
+    nlogn = (b["n"] * math.log(b["n"])) / (a["n"] * math.log(a["n"]))
+    out = {"n_from": a["n"], "n_to": b["n"], "n_ratio": b["n"] / a["n"], "n_log_n_ratio": round(nlogn, 3), "stages": {}}
+    for kind in stages:
+        sa, sb = a["stages"][kind], b["stages"][kind]
+        out["stages"][kind] = {
+            "largest_task_rss_ratio": round(sb["largest_task_peak_rss_mb"] / sa["largest_task_peak_rss_mb"], 3),
+            "wall_ratio": round(sb["wall_seconds"] / sa["wall_seconds"], 3),
+            "wall_ratio_over_n_log_n_ratio": round(sb["wall_seconds"] / sa["wall_seconds"] / nlogn, 3),
+        }
+    out["driver_rss_ratio"] = round(b["driver_peak_rss_mb"] / a["driver_peak_rss_mb"], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N = 20k and 40k")
+    ap.add_argument("--sizes", type=int, nargs="*", default=None)
+    ap.add_argument("--two-node", action="store_true", help="also run the smallest N on a loopback two-node cluster")
+    ap.add_argument("--shard-rows", type=int, default=100_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", nargs="*", default=list(STAGES))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "curation-scale")
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child, args.shard_rows, args.seed, args.address, args.work, args.stages)))
+        return
+    sizes = args.sizes or ([20_000, 40_000] if args.quick else [500_000, 1_000_000, 2_000_000, 4_000_000])
+    if args.quick:
+        args.shard_rows = min(args.shard_rows, 5_000)
+    args.work.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for n in sizes:
+        t0 = time.perf_counter()
+        runs.append(run_child(args, n))
+        print(f"N={n}: {time.perf_counter() - t0:.0f} s", flush=True)
+    report = {"benchmark": "scale", "cpus": os.cpu_count(), "dim": DIM, "stage_configs": STAGES, "shard_rows": args.shard_rows, "runs": runs}
+    print_table(runs, args.stages)
+    if len(runs) >= 2:
+        report["scaling"] = scaling(runs, args.stages)
+        print(json.dumps(report["scaling"], indent=1))
+    if args.two_node:
+        t0 = time.perf_counter()
+        cluster_run = two_node(args, sizes[0])
+        same = {k: cluster_run["stages"][k]["drops_digest"] == runs[0]["stages"][k]["drops_digest"] for k in args.stages}
+        nodes = {k: [(s["step"], s["nodes"]) for s in cluster_run["stages"][k]["steps"]] for k in args.stages}
+        report["two_node"] = {"n": sizes[0], "identical_to_one_node": same, "step_nodes": nodes, "run": cluster_run,
+                              "seconds": round(time.perf_counter() - t0, 1)}
+        print("two-node cluster: identical drops per stage:", same)
+        print("nodes per stage:", {k: cluster_run["stages"][k]["nodes"] for k in args.stages})
+    write_result("scale", report, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
