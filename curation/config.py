@@ -160,10 +160,11 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "PipelineConfig":
-        names = [s.stage_name for s in self.stages]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        # Compared as `curate query` names their views (stage_<name>: case-insensitive, '-' as '_').
+        keys = [s.stage_name.lower().replace("-", "_") for s in self.stages]
+        dup = sorted({s.stage_name for s, k in zip(self.stages, keys) if keys.count(k) > 1})
         if dup:
-            raise ValueError(f"stage names must be unique; give these a distinct 'name': {dup}")
+            raise ValueError(f"stage names must be unique (ignoring case, '-' = '_'); give these a distinct 'name': {dup}")
         return self
 
     def enabled_stages(self) -> list[StageConfig]:
@@ -190,7 +191,7 @@ def _format_errors(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 
