@@ -104,6 +104,13 @@ def test_other_non_public_addresses_are_refused_without_connecting(host, categor
     assert res.reason == "blocked_address" and res.details["category"] == category
 
 
+def test_localhost_names_follow_the_loopback_rule(server):
+    for host in ("localhost", "img.localhost"):
+        assert fetch(f"http://{host}:{server.port}/img/0.jpg").details["rule"] == "localhost name (RFC 6761)"
+    res = fetch(f"http://localhost:{server.port}/img/0.jpg", allowed_networks=["127.0.0.0/8"])
+    assert res.ok and res.body == server.image(0)
+
+
 def test_a_host_name_resolving_to_a_refused_address_is_blocked_after_lookup(internal):
     dns = FakeDNS({"images.example": "127.0.0.2"})
     res = fetch(f"http://images.example:{internal.port}/img/0.jpg", resolver=dns)

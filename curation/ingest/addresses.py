@@ -31,6 +31,7 @@ from curation.ingest.errors import BLOCKED_ADDRESS
 from curation.ingest.hosts import IPAddress, InvalidHost, canonical_host, parse_ip
 from curation.ingest.url_rules import Block
 
+_LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
@@ -100,7 +101,7 @@ class AddressPolicy:
             ip = parse_ip(host) if host else None
         except (ValueError, InvalidHost):
             return None  # url_problem reports malformed hosts as bad_url
-        if ip is None and host and not self.allow_private and _is_localhost_name(host):
+        if ip is None and host and _is_localhost_name(host) and self.refusal(_LOOPBACK) is not None:
             return Block(BLOCKED_ADDRESS, {"host": host, "category": "loopback", "rule": "localhost name (RFC 6761)"})
         category = self.refusal(ip) if ip is not None else None
         if category is None:
