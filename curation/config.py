@@ -8,6 +8,7 @@ list of stages, and the seed / evaluation-set catalogs. Stage entries are valida
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -39,6 +40,27 @@ class HttpConfig(Strict):
     max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="larger bodies are dropped as too_large")
     max_redirects: int = Field(5, ge=0)
     user_agent: str = "curation/0.1 (+https://github.com/curation)"
+    allow_private_addresses: bool = Field(
+        False,
+        description="fetch loopback, private, link-local and other non-public addresses (off: such URLs are blocked_address)",
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list, description="networks fetched although not public, e.g. an internal mirror: ['10.1.2.0/24']"
+    )
+    robots_opt_out: bool = Field(True, description="honour X-Robots-Tag opt-outs (drops: robots_opt_out)")
+    robots_opt_out_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai"], description="X-Robots-Tag directives that opt an image out"
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as e:
+                raise ValueError(f"not a network: {net!r} ({e})") from None
+        return value
 
 
 class UrlRulesConfig(Strict):
@@ -155,10 +177,11 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "PipelineConfig":
-        names = [s.stage_name for s in self.stages]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        # Compared as `curate query` names their views (stage_<name>: case-insensitive, '-' as '_').
+        keys = [s.stage_name.lower().replace("-", "_") for s in self.stages]
+        dup = sorted({s.stage_name for s, k in zip(self.stages, keys) if keys.count(k) > 1})
         if dup:
-            raise ValueError(f"stage names must be unique; give these a distinct 'name': {dup}")
+            raise ValueError(f"stage names must be unique (ignoring case, '-' = '_'); give these a distinct 'name': {dup}")
         return self
 
     def enabled_stages(self) -> list[StageConfig]:
@@ -185,7 +208,7 @@ def _format_errors(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 

@@ -24,14 +24,34 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from curation import schema
+
+
+# A stage name becomes a directory of the run (stages/NN_<name>, ledger/NN_<name>) and a SQL view
+# (stage_<name>), so it is one plain path component: a name such as '../x' would write outside the
+# run, or over another stage's ledger.
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+# The runner's own steps, which write stages/00_ingest and the ledger rows of stage 'emit'.
+RESERVED_STAGE_NAMES = ("ingest", "emit")
+
+
+def check_stage_name(name: str) -> str:
+    if not STAGE_NAME.fullmatch(name):
+        raise ValueError(
+            f"stage name {name!r} is not allowed: use 1 to 64 letters, digits, '_' or '-' (not first), "
+            "since it names a directory in the run"
+        )
+    if name.lower() in RESERVED_STAGE_NAMES:
+        raise ValueError(f"stage name {name!r} is reserved for the runner; choose another 'name'")
+    return name
 
 
 class StageConfig(BaseModel):
@@ -42,6 +62,11 @@ class StageConfig(BaseModel):
     kind: str
     name: str | None = None
     enabled: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _contained_name(cls, name: str | None) -> str | None:
+        return None if name is None else check_stage_name(name)
 
     @property
     def stage_name(self) -> str:

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import schema
+from curation.stage import STAGE_NAME
 
 INGEST, MAP, GLOBAL = "ingest", "map", "global"
 
@@ -66,9 +67,22 @@ class StageRecord:
         return asdict(self)
 
 
+class UnsafeRunPath(ValueError):
+    """A path the store was asked to build would leave the run directory."""
+
+
 class RunStore:
+    """Every path of a run directory. Paths that carry a stage name are checked to stay inside
+    it: the name must be one plain component (``STAGE_NAME``), so ``..`` and ``/`` never reach
+    the file system, whatever called the store (a stale ``plan.json``, a hand-written record)."""
+
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir).resolve()
+
+    def _stage_subdir(self, root: Path, rec: StageRecord) -> Path:
+        if not STAGE_NAME.fullmatch(rec.name) or rec.index < 0:
+            raise UnsafeRunPath(f"stage {rec.name!r} (#{rec.index}) cannot name a directory inside {self.run_dir}")
+        return root / rec.dirname
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -96,10 +110,10 @@ class RunStore:
         return self.run_dir / "ledger"
 
     def stage_dir(self, rec: StageRecord) -> Path:
-        return self.run_dir / "stages" / rec.dirname
+        return self._stage_subdir(self.run_dir / "stages", rec)
 
     def ledger_dir(self, rec: StageRecord) -> Path:
-        return self.ledger_root / rec.dirname
+        return self._stage_subdir(self.ledger_root, rec)
 
     # -- markers ------------------------------------------------------------------------------
     def shard_marker(self, rec: StageRecord, shard: int) -> Path:

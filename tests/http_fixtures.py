@@ -6,6 +6,11 @@ Reusable by any test that downloads images::
 
     with ImageServer() as server:
         url = server.url("/img/0.jpg")          # server.image(0) is the body
+        fetch_urls([url], HttpConfig(**LOOPBACK_HTTP))
+
+The crawler refuses loopback addresses by default (SSRF protection), so every crawl of this
+server sets ``allow_private_addresses`` (``LOOPBACK_HTTP``). ``ImageServer(host="127.0.0.2")``
+binds another loopback address (Linux answers on all of 127/8).
 
 It serves real photographs from ``../shared/data/pool_caltech101`` when that folder exists and
 generated JPEGs otherwise. Routes:
@@ -22,6 +27,8 @@ generated JPEGs otherwise. Routes:
 ``/loop``                             redirects to itself forever
 ``/redirect-to?location=<url>``       302 to any location (``file:///etc/passwd``, another host)
 ``/html``                             200 text/html page
+``/robots/<i>.jpg?tag=<value>``       image ``i`` with ``X-Robots-Tag: <value>`` (repeat ``tag``)
+``/echo-host``                        200 text/plain whose body is the request's Host header
 ``/empty``                            200 with an empty body
 ====================================  =============================================================
 
@@ -38,6 +45,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+# HttpConfig settings every crawl of a 127.0.0.1 test server needs.
+LOOPBACK_HTTP = {"allow_private_addresses": True}
 
 SHARED_POOL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pool_caltech101"
 
@@ -106,11 +116,12 @@ class _Handler(BaseHTTPRequestHandler):
         super().send_response(code, message)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", headers: dict | None = None) -> None:
+    def _send(self, status: int, body: bytes, content_type: str = "image/jpeg", headers=None) -> None:
+        """``headers``: a dict, or a list of (name, value) pairs when a name repeats."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
+        for k, v in (headers.items() if isinstance(headers, dict) else headers or []):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
@@ -170,6 +181,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._redirect("/loop")
         elif head == "redirect-to":
             self._redirect(query["location"])
+        elif head == "robots":
+            tags = parse_qs(parts.query).get("tag", [])
+            self._send(200, self._image(seg[1]), headers=[("X-Robots-Tag", t) for t in tags])
+        elif head == "echo-host":
+            self._send(200, (self.headers.get("Host") or "").encode(), "text/plain")
         elif head == "html":
             self._send(200, b"<!doctype html><html><body><img src='/img/0.jpg'></body></html>", "text/html; charset=utf-8")
         elif head == "empty":
@@ -202,8 +218,8 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(self, images: list[bytes]):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, images: list[bytes], host: str):
+        super().__init__((host, 0), _Handler)
         self.images = images
         self.stats = _Stats()
 
@@ -211,7 +227,8 @@ class _Server(ThreadingHTTPServer):
 class ImageServer:
     """Context manager running the fault-injecting image server in a background thread."""
 
-    def __init__(self, n_images: int = 8, images: list[bytes] | None = None):
+    def __init__(self, n_images: int = 8, images: list[bytes] | None = None, host: str = "127.0.0.1"):
+        self.host = host
         self._images = images if images is not None else load_images(n_images)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -224,7 +241,7 @@ class ImageServer:
         self.stop()
 
     def start(self) -> None:
-        self._server = _Server(self._images)
+        self._server = _Server(self._images, self.host)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
@@ -241,7 +258,7 @@ class ImageServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def url(self, path: str) -> str:
         return self.base_url + path

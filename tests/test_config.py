@@ -45,6 +45,28 @@ def test_bad_field_names_the_stage_and_field(tmp_path):
 def test_duplicate_stage_names_rejected(tmp_path):
     with pytest.raises(ConfigError, match="unique"):
         load_config(write(tmp_path, "stages: [{kind: decode}, {kind: decode}]"))
+    # Names that `curate query` would turn into the same view (stage_<name>) collide too.
+    with pytest.raises(ConfigError, match=r"unique.*\['Decode', 'decode'\]"):
+        load_config(write(tmp_path, "stages: [{kind: decode}, {kind: exact_dedup, name: Decode}]"))
+    with pytest.raises(ConfigError, match=r"unique.*\['my-hash', 'my_hash'\]"):
+        load_config(write(tmp_path, "stages: [{kind: phash, name: my-hash}, {kind: phash_dedup, name: my_hash}]"))
+
+
+@pytest.mark.parametrize("name", ["../x", "../../ledger/03_nsfw", "a/b", "/abs", ".", "..", ".hidden", "-x", "", "x y", "x;drop", "é", "a" * 65])
+def test_a_stage_name_that_is_not_a_plain_identifier_is_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(exact_dedup\): name: stage name .* is not allowed: use 1 to 64 letters"):
+        load_config(write(tmp_path, f"stages: [{{kind: decode}}, {{kind: exact_dedup, name: '{name}'}}]"))
+
+
+@pytest.mark.parametrize("name", ["ingest", "EMIT"])
+def test_the_runner_s_own_step_names_are_reserved(tmp_path, name):
+    with pytest.raises(ConfigError, match=f"stage name '{name}' is reserved"):
+        load_config(write(tmp_path, f"stages: [{{kind: decode, name: {name}}}]"))
+
+
+def test_identifier_stage_names_are_accepted(tmp_path):
+    cfg = load_config(write(tmp_path, "stages: [{kind: decode, name: Decode_2}, {kind: embed, name: sscd-v2, model: {type: pixels}}]"))
+    assert [s.stage_name for s in cfg.stages] == ["Decode_2", "sscd-v2"]
 
 
 def test_not_yaml_and_not_mapping(tmp_path):

@@ -12,9 +12,9 @@ from curation.config import HttpConfig, IngestConfig, UrlRulesConfig
 from curation.ingest import SourceSpec, WorkUnit, read_unit
 from curation.ingest.http import fetch_urls, url_problem
 from curation.ingest.url_rules import UrlRules
-from tests.http_fixtures import ImageServer
+from tests.http_fixtures import LOOPBACK_HTTP, ImageServer
 
-FAST = dict(connect_timeout=2.0, read_timeout=0.5, retries=2, backoff=0.01)
+FAST = dict(connect_timeout=2.0, read_timeout=0.5, retries=2, backoff=0.01, **LOOPBACK_HTTP)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from curation import schema
 from curation.config import HttpConfig, IngestConfig
 from curation.ingest import IngestError, SourceSpec, WorkUnit, plan_units, read_unit
-from tests.http_fixtures import ImageServer
+from tests.http_fixtures import LOOPBACK_HTTP, ImageServer
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_url_lists_in_txt_csv_and_parquet_are_downloaded(tmp_path):
         parquet = tmp_path / "list.parquet"
         pq.write_table(pa.table({"url": [server.url("/img/3.jpg")]}), parquet)
         specs = [SourceSpec(str(p), "pool", "pool") for p in (txt, csv, parquet)]
-        cfg = IngestConfig(http=HttpConfig(retries=0, read_timeout=5))
+        cfg = IngestConfig(http=HttpConfig(retries=0, read_timeout=5, **LOOPBACK_HTTP))
         units = plan_units(specs, cfg)
         assert [(u.kind, len(u.items)) for u in units] == [("urls", 2), ("urls", 2), ("urls", 1)]
         rows = [r for u in units for r in read_unit(u, cfg).to_pylist()]

@@ -100,3 +100,32 @@ def test_plan_units_refuses_bad_rules_before_any_work(tmp_path, jpeg_factory):
     cfg = IngestConfig(url_rules=UrlRulesConfig(regexes=["(oops"]))
     with pytest.raises(IngestError, match="invalid regular expression"):
         plan_units([SourceSpec(str(tmp_path), "pool", "pool")], cfg)
+
+
+# One address has many spellings; a rule written in any of them blocks all of them.
+LOOPBACK_SPELLINGS = ["127.0.0.1", "0x7f000001", "2130706433", "127.1", "0177.0.0.1", "127.0.0.1.",
+                      "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "\uff11\uff12\uff17.\uff10.\uff10.\uff11"]
+
+
+@pytest.mark.parametrize("spelling", LOOPBACK_SPELLINGS)
+def test_a_domain_rule_on_an_address_blocks_every_spelling_of_it(spelling):
+    rules = UrlRules.from_config(UrlRulesConfig(domains=["127.0.0.1", "localhost"]))
+    block = rules.check(f"http://{spelling}:8080/a.jpg")
+    assert block is not None and block.reason == "blocked_domain" and block.details["domain"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("rule", ["0x7f000001", "[::ffff:127.0.0.1]", "127.1"])
+def test_an_address_rule_in_another_spelling_blocks_the_dotted_form(rule):
+    assert UrlRules.from_config(UrlRulesConfig(domains=[rule])).check("http://127.0.0.1/a.jpg") is not None
+
+
+def test_host_names_match_across_case_trailing_dots_and_idna():
+    rules = UrlRules.from_config(UrlRulesConfig(domains=["Bücher.example", "localhost"]))
+    for url in ("http://xn--bcher-kva.example/a.jpg", "http://BÜCHER.example./a.jpg", "http://LOCALHOST./a.jpg",
+                "http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/a.jpg"):
+        assert rules.check(url) is not None, url
+
+
+def test_an_address_rule_does_not_block_its_neighbours():
+    rules = UrlRules.from_config(UrlRulesConfig(domains=["10.0.0.1"]))
+    assert rules.check("http://10.0.0.10/a.jpg") is None and rules.check("http://0.1/a.jpg") is None

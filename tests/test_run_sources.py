@@ -15,7 +15,7 @@ import pytest
 from curation.config import load_config
 from curation.runner import RunRequest, run_pipeline
 from tests.helpers import manifest
-from tests.http_fixtures import ImageServer
+from tests.http_fixtures import LOOPBACK_HTTP, ImageServer
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -45,7 +45,7 @@ def run(tmp_path_factory, ray_local):
                 add(tar, f"{i:05d}.json", json.dumps({"url": f"http://example.com/{i}.jpg"}).encode())
             add(tar, "../escape.jpg", server.image(5))
         pq.write_table(pa.table({"image": pa.array([server.image(5), b"", b"not an image"], pa.binary())}), root / "rows.parquet")
-        cfg = load_config("smoke", overrides={"ingest": {"http": {"retries": 2, "backoff": 0.01, "read_timeout": 5}}})
+        cfg = load_config("smoke", overrides={"ingest": {"http": {"retries": 2, "backoff": 0.01, "read_timeout": 5, **LOOPBACK_HTTP}}})
         out = root / "out"
         run_pipeline(RunRequest(pools=[str(root / "urls.txt"), str(root / "shard-00000.tar"), str(root / "rows.parquet")], out=out, config=cfg))
     return out

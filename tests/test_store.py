@@ -1,9 +1,10 @@
 """The run store stitches a shard back together across stages."""
 
 import pyarrow as pa
+import pytest
 
 from curation import schema
-from curation.store import GLOBAL, INGEST, MAP, RunStore, ShardView, StageRecord, split_by_shard, write_parquet_atomic
+from curation.store import GLOBAL, INGEST, MAP, RunStore, ShardView, StageRecord, UnsafeRunPath, split_by_shard, write_parquet_atomic
 
 
 def test_columns_come_from_their_latest_writer_with_null_fallback(tmp_path):
@@ -36,3 +37,20 @@ def test_split_by_shard_groups_uids():
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
     write_parquet_atomic(pa.table({"uid": [1]}), tmp_path / "x" / "part-00000.parquet")
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["part-00000.parquet"]
+
+
+@pytest.mark.parametrize("name", ["../x", "../../escape", "a/b", "..", "", "x\x00y"])
+def test_every_stage_path_stays_inside_the_run_directory(tmp_path, name):
+    store = RunStore(tmp_path / "run")
+    rec = StageRecord(3, name, "decode", MAP, [])
+    for build in (store.stage_dir, store.ledger_dir, lambda r: store.part_path(r, 0), lambda r: store.ledger_path(r, 0),
+                  lambda r: store.shard_marker(r, 0), store.stage_marker):
+        with pytest.raises(UnsafeRunPath, match="cannot name a directory inside"):
+            build(rec)
+
+
+def test_a_plain_stage_name_gets_its_own_directories(tmp_path):
+    store = RunStore(tmp_path)
+    rec = StageRecord(3, "sscd-v2", "embed", MAP, [])
+    assert store.stage_dir(rec) == tmp_path.resolve() / "stages" / "03_sscd-v2"
+    assert store.ledger_path(rec, 7) == tmp_path.resolve() / "ledger" / "03_sscd-v2" / "part-00007.parquet"

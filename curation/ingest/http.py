@@ -6,8 +6,12 @@ Each ingest worker fetches one work unit of URLs with asyncio + aiohttp:
   first so that one slow host cannot hold every global slot while it waits);
 * retries with exponential backoff after 5xx, 429 (``Retry-After`` honoured up to the read
   timeout), timeouts, connection errors and bodies cut short;
-* redirects followed by hand so that the hop limit, the http/https rule and the URL blocklists
-  apply to *every* hop (a redirect to ``file://`` or to a blocked host is never followed);
+* redirects followed by hand so that the hop limit, the http/https rule, the URL blocklists and
+  the address policy apply to *every* hop (a redirect to ``file://``, to a blocked host or to a
+  private address is never followed);
+* SSRF protection (``addresses``): only public addresses are connected to unless
+  ``allow_private_addresses`` is set, and the connector connects to exactly the address checked;
+* ``X-Robots-Tag: noai`` / ``noimageai`` honoured (``robots_opt_out``) before the body is read;
 * a byte cap checked against ``Content-Length`` before reading and while streaming, so an
   oversized body is abandoned early rather than buffered.
 
@@ -23,9 +27,14 @@ from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import yarl
+from aiohttp.abc import AbstractResolver
 
 from curation.config import HttpConfig
 from curation.ingest import errors as R
+from curation.ingest.addresses import AddressPolicy, BlockedAddressError, CheckedResolver
+from curation.ingest.hosts import InvalidHost, host_problem, parse_ip
+from curation.ingest.robots import opt_out_directive, user_agent_token
 from curation.ingest.url_rules import UrlRules, host_of
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -63,6 +72,9 @@ def url_problem(url: str) -> str | None:
         return f"scheme {parts.scheme or '(none)'!r} is not http or https"
     if not parts.hostname:
         return "URL has no host"
+    problem = host_problem(parts.hostname)
+    if problem is not None:
+        return problem
     if port == 0:
         return "URL has port 0"
     return None
@@ -74,12 +86,39 @@ def _retryable(result: FetchResult) -> bool:
     return result.status is not None and result.reason is not None and (result.status >= 500 or result.status == 429)
 
 
-class Fetcher:
-    """Downloads many URLs concurrently within the limits of one ``HttpConfig``."""
+def _pinned(url: str) -> str | yarl.URL:
+    """The URL with an address host written canonically (``0x7f000001`` -> ``127.0.0.1``), so the
+    request goes to the very address the policy checked; host names are left to the resolver."""
+    try:
+        host = urlsplit(url).hostname
+        ip = parse_ip(host) if host else None
+    except (ValueError, InvalidHost):
+        return url
+    if ip is None or str(ip) == host:
+        return url
+    return yarl.URL(url).with_host(str(ip))
 
-    def __init__(self, cfg: HttpConfig, rules: UrlRules | None = None):
+
+def _blocked_address(e: BaseException) -> BlockedAddressError | None:
+    """The policy refusal behind a connector error (aiohttp wraps resolver errors), if any."""
+    for err in (e, getattr(e, "os_error", None), e.__cause__):
+        if isinstance(err, BlockedAddressError):
+            return err
+    return None
+
+
+class Fetcher:
+    """Downloads many URLs concurrently within the limits of one ``HttpConfig``.
+
+    ``resolver`` replaces the system resolver behind the address check (tests use it to play DNS).
+    """
+
+    def __init__(self, cfg: HttpConfig, rules: UrlRules | None = None, resolver: AbstractResolver | None = None):
         self.cfg = cfg
         self.rules = rules
+        self.policy = AddressPolicy(cfg.allow_private_addresses, cfg.allowed_networks)
+        self._resolver = resolver
+        self._ua_token = user_agent_token(cfg.user_agent)
         self._global: asyncio.Semaphore | None = None
         self._hosts: dict[str, asyncio.Semaphore] = {}
 
@@ -91,14 +130,20 @@ class Fetcher:
             sock_connect=self.cfg.connect_timeout,
             sock_read=self.cfg.read_timeout,
         )
-        connector = aiohttp.TCPConnector(limit=self.cfg.concurrency, limit_per_host=self.cfg.per_host, ttl_dns_cache=300)
-        async with aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            headers={"User-Agent": self.cfg.user_agent},
-            trust_env=False,
-        ) as session:
-            return list(await asyncio.gather(*(self._fetch_with_retries(session, u) for u in urls)))
+        resolver = CheckedResolver(self.policy, self._resolver or aiohttp.ThreadedResolver())
+        connector = aiohttp.TCPConnector(
+            limit=self.cfg.concurrency, limit_per_host=self.cfg.per_host, ttl_dns_cache=300, resolver=resolver
+        )
+        try:
+            async with aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                headers={"User-Agent": self.cfg.user_agent},
+                trust_env=False,
+            ) as session:
+                return list(await asyncio.gather(*(self._fetch_with_retries(session, u) for u in urls)))
+        finally:
+            await resolver.close()  # a resolver passed to the connector is not closed by it
 
     async def _fetch_with_retries(self, session: aiohttp.ClientSession, url: str) -> FetchResult:
         attempt = 0
@@ -126,6 +171,8 @@ class Fetcher:
                     details.update(redirect_to=current, redirects=hops)
                 return FetchResult(url, final_url=current if hops else None, reason=R.BAD_URL, details=details)
             block = self.rules.check(current) if self.rules is not None else None
+            if block is None:
+                block = self.policy.check_url(current)
             if block is not None:
                 details = {**block.details, "redirects": hops} if hops else dict(block.details)
                 return FetchResult(url, final_url=current if hops else None, reason=block.reason, details=details)
@@ -153,7 +200,7 @@ class Fetcher:
         result = FetchResult(url, final_url=current)
         try:
             async with self._host_slot(current), self._global:
-                async with session.get(current, allow_redirects=False) as resp:
+                async with session.get(_pinned(current), allow_redirects=False) as resp:
                     result.status = resp.status
                     result.content_type = resp.headers.get("Content-Type")
                     if resp.status in REDIRECT_STATUSES:
@@ -169,6 +216,8 @@ class Fetcher:
                         if retry_after is not None:
                             result.details["retry_after"] = retry_after
                         return result, None
+                    if self.cfg.robots_opt_out and self._opted_out(resp, result):
+                        return result, None
                     await self._read_body(resp, result)
                     return result, None
         except aiohttp.ClientPayloadError as e:
@@ -178,8 +227,21 @@ class Fetcher:
         except (aiohttp.InvalidURL, ValueError) as e:
             result.reason, result.details = R.BAD_URL, {"error": str(e) or type(e).__name__}
         except (aiohttp.ClientError, OSError) as e:
-            result.reason, result.details = R.CONNECTION_ERROR, {"error": f"{type(e).__name__}: {e}"}
+            blocked = _blocked_address(e)
+            if blocked is not None:
+                result.reason, result.details = R.BLOCKED_ADDRESS, blocked.details()
+            else:
+                result.reason, result.details = R.CONNECTION_ERROR, {"error": f"{type(e).__name__}: {e}"}
         return result, None
+
+    def _opted_out(self, resp: aiohttp.ClientResponse, result: FetchResult) -> bool:
+        values = resp.headers.getall("X-Robots-Tag", [])
+        directive = opt_out_directive(values, self._ua_token, self.cfg.robots_opt_out_directives)
+        if directive is None:
+            return False
+        result.reason = R.ROBOTS_OPT_OUT
+        result.details = {"directive": directive, "x_robots_tag": values if len(values) > 1 else values[0]}
+        return True
 
     async def _read_body(self, resp: aiohttp.ClientResponse, result: FetchResult) -> None:
         cap = self.cfg.max_bytes
@@ -213,12 +275,14 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(seconds, 0.0)
 
 
-def fetch_urls(urls: list[str], cfg: HttpConfig, rules: UrlRules | None = None) -> list[FetchResult]:
+def fetch_urls(
+    urls: list[str], cfg: HttpConfig, rules: UrlRules | None = None, resolver: AbstractResolver | None = None
+) -> list[FetchResult]:
     """Synchronous entry point: fetch ``urls`` and return one result per URL, in input order.
 
     Safe to call from code that already runs an event loop (the fetch then runs in a thread).
     """
-    fetcher = Fetcher(cfg, rules)
+    fetcher = Fetcher(cfg, rules, resolver)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -85,7 +85,7 @@ def plan_units(specs: list[SourceSpec], cfg: IngestConfig) -> list[WorkUnit]:
 
 
 def _spec_chunks(spec: SourceSpec, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
-    for path in _resolve(spec):
+    for path in resolve_paths(spec):
         for kind, location, items in _path_items(path, cfg):
             if kind == "error":
                 yield kind, location, items
@@ -94,7 +94,8 @@ def _spec_chunks(spec: SourceSpec, cfg: IngestConfig) -> Iterator[tuple[str, str
                 yield kind, location, items[start : start + cfg.shard_size]
 
 
-def _resolve(spec: SourceSpec) -> list[str]:
+def resolve_paths(spec: SourceSpec) -> list[str]:
+    """The absolute paths a spec names (itself, or the sorted matches of a glob)."""
     raw = os.path.expanduser(spec.path)
     if os.path.exists(raw):
         return [os.path.abspath(raw)]
@@ -124,20 +125,25 @@ def _path_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]
         )
 
 
-def _folder_items(root: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+def folder_inputs(root: str) -> tuple[str, list[str]]:
+    """What a folder holds for the plan: (``tar`` | ``parquet`` | ``files``, relative paths)."""
     listed = files.list_files(Path(root))
-    shards = [rel for rel in listed if rel.lower().endswith(".tar")]
-    if shards:
-        for rel in shards:
-            yield from _tar_items(files.source_key(root, rel))
+    for kind, suffix in (("tar", ".tar"), ("parquet", ".parquet")):
+        chosen = [rel for rel in listed if rel.lower().endswith(suffix)]
+        if chosen:
+            return kind, chosen
+    return "files", listed
+
+
+def _folder_items(root: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+    kind, rels = folder_inputs(root)
+    if kind == "files":
+        if rels:
+            yield "files", root, rels
         return
-    tables = [rel for rel in listed if rel.lower().endswith(".parquet")]
-    if tables:
-        for rel in tables:
-            yield from _parquet_items(files.source_key(root, rel), cfg)
-        return
-    if listed:
-        yield "files", root, listed
+    for rel in rels:
+        path = files.source_key(root, rel)
+        yield from (_tar_items(path) if kind == "tar" else _parquet_items(path, cfg))
 
 
 def _error(location: str, message: str) -> tuple[str, str, list]:

@@ -4,11 +4,16 @@ Blocklists are checked at ingestion so that a blocked host is never contacted (U
 redirect hop) and so that images whose recorded origin is blocked (img2dataset ``url`` metadata
 in tar shards, a ``url`` column next to bytes in Parquet) never enter the pool.
 
+Hosts are compared in their canonical spelling (``hosts.canonical_host``) on both sides, so
+``127.0.0.1`` in a rule also blocks ``0x7f000001``, ``127.1`` and ``[::ffff:127.0.0.1]``, and
+``Example.COM.`` blocks ``example.com``.
+
 Rules, in the order they are checked:
 
 * domains (files and inline): the host or any parent domain is listed, so ``example.com``
   blocks ``img.cdn.example.com`` but not ``badexample.com``. Files accept one domain a line,
   ``#`` comments, and hosts-file lines (``0.0.0.0 example.com``) as many public lists use.
+  An IP address matches itself only, in any spelling.
 * suffixes: the host name ends with the string (``.xxx`` blocks every host under that TLD).
 * regexes (files and inline): ``re.search`` against the whole URL. In regex files only lines
   that *start* with ``#`` are comments, since ``#`` is a valid character in a pattern.
@@ -25,6 +30,7 @@ from urllib.parse import urlsplit
 
 from curation.config import UrlRulesConfig
 from curation.ingest.errors import BLOCKED_DOMAIN, BLOCKED_URL, IngestError
+from curation.ingest.hosts import canonical_host
 
 _HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
 
@@ -46,23 +52,13 @@ class Block:
     details: dict
 
 
-def normalise_host(host: str) -> str:
-    """Lower-case, no trailing dot, IDNA (punycode) for non-ASCII names."""
-    host = host.strip().lower().rstrip(".")
-    if host and not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            pass
-    return host
-
-
 def host_of(url: str) -> str | None:
+    """The canonical host of ``url`` (see ``hosts``), or None when it has none."""
     try:
         host = urlsplit(url.strip()).hostname
     except ValueError:
         return None
-    return normalise_host(host) if host else None
+    return canonical_host(host) if host else None
 
 
 class UrlRules:
@@ -108,7 +104,7 @@ class UrlRules:
     def check(self, url: str) -> Block | None:
         host = host_of(url)
         if host:
-            labels = host.split(".")
+            labels = [host] if _is_ip(host) else host.split(".")
             for i in range(len(labels)):
                 candidate = ".".join(labels[i:])
                 origin = self._domains.get(candidate)
@@ -149,7 +145,7 @@ def _domain_from_line(text: str) -> str | None:
         text = parts[1]
     elif len(parts) != 1:
         return None
-    domain = normalise_host(text.removeprefix("*.").lstrip("."))
+    domain = canonical_host(text.removeprefix("*.").lstrip("."))
     if _is_ip(domain):
         return domain
     labels = domain.split(".")

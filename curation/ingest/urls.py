@@ -2,8 +2,9 @@
 
 Every URL is checked before any network traffic: a malformed or non-http(s) URL is ``bad_url``
 and a URL on a blocklist is ``blocked_domain`` / ``blocked_url``, so a blocked host is never
-contacted. The rest are downloaded concurrently (``curation.ingest.http``) and the bodies are
-checked like any other image bytes.
+contacted. The rest are downloaded concurrently (``curation.ingest.http``), which refuses
+non-public addresses (``blocked_address``) and opted-out images (``robots_opt_out``); the bodies
+are checked like any other image bytes.
 """
 
 from __future__ import annotations
