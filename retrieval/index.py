@@ -14,10 +14,14 @@ Backends (``backend="auto"`` picks the first that applies):
 
 Automatic index choice (``spec="auto"``, see :func:`auto_spec`): exact ``Flat`` while an
 all-pairs search stays cheap (N <= 100k on CPU: ~1.5 min for 100k x 512-d on 2 cores; any N on a
-GPU, where exact search costs seconds per million), otherwise IVF-PQ as the DINOv2 paper used:
-``IVF{nlist},PQ{m}x4fs`` with nlist ~ 4*sqrt(N) trained on a sample and 4-bit fast-scan PQ
-codes (d/4 sub-quantizers). Fast-scan trains in seconds where 8-bit PQ with faiss' default
-polysemous training takes minutes, and exact re-scoring (below) makes up for coarser codes.
+GPU, where exact search costs seconds per million), otherwise ``IVF{nlist},SQ8``: nlist ~ 4*sqrt(N)
+lists trained on a sample, vectors scalar-quantised to one byte per dimension. Measured on 200k
+structured 256-d descriptors (nprobe 32, exact re-scoring): recall@64 0.998 for SQ8 and Flat,
+0.905 for the 4-bit fast-scan PQ (``IVF{nlist},PQ{m}x4fs``) that "auto" used to pick and that
+reached only 0.41 at 1M in the old dedup benchmark; SQ8 searched 20k queries in 3.0 s against
+4.1 s for Flat. PQ (the paper's index for 1.2B vectors on GPUs) stays available as an explicit
+spec when memory is the constraint. Beyond one task's memory the deduplication stages partition
+the search instead (``curation.dedup.ivf_graph``).
 
 Similarities of approximate indices are never the approximate (PQ) scores: candidates
 (``rerank_factor * k`` per query) are re-scored exactly against the stored vectors and re-sorted,
@@ -101,14 +105,6 @@ def resolve_backend(backend: Backend = "auto", gpu: str | bool = "auto") -> str:
     return "faiss"
 
 
-def _pq_subquantizers(dim: int) -> int:
-    """Even divisor of ``dim`` giving >= 4 dimensions per 4-bit sub-quantizer (<= 128)."""
-    for m in range(min(128, max(2, dim // 4)), 1, -1):
-        if dim % m == 0 and m % 2 == 0:
-            return m
-    return 2
-
-
 def ivf_nlist(n: int) -> int:
     """About 4*sqrt(N) inverted lists (faiss guideline), a power of two, 16..65536."""
     return int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
@@ -121,7 +117,7 @@ def auto_spec(n: int, dim: int, backend: str = "faiss") -> str:
     limit = AUTO_FLAT_MAX_FAISS_GPU if backend == "faiss-gpu" else AUTO_FLAT_MAX_CPU
     if n <= limit:
         return "Flat"
-    return f"IVF{ivf_nlist(n)},PQ{_pq_subquantizers(dim)}x4fs"
+    return f"IVF{ivf_nlist(n)},SQ8"
 
 
 def build_index(dim: int, n: int, spec: str = "auto", metric: Metric = "ip", gpu: str | bool = "auto") -> faiss.Index:

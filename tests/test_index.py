@@ -76,7 +76,7 @@ def test_l2_metric_returns_squared_distances(data):
 def test_auto_choice_by_size():
     assert auto_spec(AUTO_FLAT_MAX_CPU, 512) == "Flat"
     big = auto_spec(1_000_000, 512)
-    assert big == "IVF4096,PQ128x4fs"
+    assert big == "IVF4096,SQ8"
     assert auto_spec(10_000_000, 512, backend="torch") == "Flat"
     assert build_index(64, 1000, spec="HNSW32").ntotal == 0
 
