@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -58,8 +57,9 @@ STAGES = {
 # ---------------------------------------------------------------------------------------------
 # Child: one N in its own process
 # ---------------------------------------------------------------------------------------------
-def write_shards(run_dir: Path, n: int, shard_rows: int, seed: int):
-    """Ingest-shaped shards of the synthetic rows; returns the data and the ingest record."""
+def write_shards(run_dir: Path, n: int, shard_rows: int, seed: int) -> None:
+    """Ingest-shaped shards of the synthetic rows, plus ``planted.npz`` (what was planted where)
+    and ``ingest.json`` (the ingest record the stages read from)."""
     import pyarrow as pa
 
     from curation import schema
@@ -103,7 +103,9 @@ def write_shards(run_dir: Path, n: int, shard_rows: int, seed: int):
         write_parquet_atomic(t, store.part_path(rec, shard))
         store.mark_shard_done(rec, shard, {})
     uids = np.concatenate([(np.int64(s) << schema.UID_SHARD_BITS) | np.arange(min(shard_rows, total - s * shard_rows), dtype=np.int64) for s in range(math.ceil(total / shard_rows))])
-    return data, role, uids, rec
+    np.savez(run_dir / "planted.npz", copy_group=data.copy_group, reencode=data.reencode, hash_group=data.hash_group,
+             ids=data.ids, role=role.astype(str), uids=uids)
+    (run_dir / "ingest.json").write_text(json.dumps(rec.to_dict()))
 
 
 def read_drops(stage_dir: Path) -> dict[int, int]:
@@ -157,11 +159,10 @@ def recovery(groups: np.ndarray, uids: np.ndarray, applies: np.ndarray, dropped:
     }
 
 
-def contamination(data, role: np.ndarray, uids: np.ndarray, dropped: dict[int, int]) -> dict:
+def contamination(g: np.ndarray, role: np.ndarray, uids: np.ndarray, dropped: dict[int, int]) -> dict:
     """Pool rows of copy groups that hold an evaluation image must all be dropped."""
     from curation import schema
 
-    g = data.copy_group
     tainted = np.zeros(int(g.max()) + 1, bool)
     tainted[g[role == schema.EXCLUDE]] = True
     pool = role == schema.POOL
@@ -177,21 +178,20 @@ def contamination(data, role: np.ndarray, uids: np.ndarray, dropped: dict[int, i
     }
 
 
-def child(n: int, shard_rows: int, seed: int, address: str | None, work: Path, stages: list[str]) -> dict:
+def drive(run_dir: Path, seed: int, address: str | None, stages: list[str]) -> dict:
+    """The pipeline driver of one run: every stage through the executor, partitioned. Nothing
+    but the run's own bookkeeping lives in this process, so its peak RSS is the driver's."""
     import ray
 
-    from curation import schema
     from curation.config import ExecutionConfig
     from curation.executor import RayExecutor
+    from curation.partitioned.monitor import TaskMonitor
     from curation.shard_ops import StageSpec
     from curation.stage import StageContext, stage_class
     from curation.store import GLOBAL, RunStore, StageRecord
 
-    t0 = time.perf_counter()
-    run_dir = work / f"run-{n}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    data, role, uids, base = write_shards(run_dir, n, shard_rows, seed)
-    gen_seconds = time.perf_counter() - t0
+    monitor = TaskMonitor(interval=0.05).start()
+    base = StageRecord(**json.loads((run_dir / "ingest.json").read_text()))
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
@@ -199,7 +199,7 @@ def child(n: int, shard_rows: int, seed: int, address: str | None, work: Path, s
     ray.data.DataContext.get_current().enable_progress_bars = False
     store = RunStore(run_dir)
     execution = ExecutionConfig(global_stages="partitioned")
-    out = {"n": n, "eval_rows": int((role == schema.EXCLUDE).sum()), "generate_seconds": round(gen_seconds, 1), "stages": {}}
+    out: dict = {"stages": {}}
     for i, kind in enumerate(stages, start=1):
         cls = stage_class(kind)
         cfg = cls.Config.model_validate({"kind": kind, **STAGES[kind]})
@@ -208,50 +208,74 @@ def child(n: int, shard_rows: int, seed: int, address: str | None, work: Path, s
         spec = StageSpec(kind, cfg.model_dump(mode="json"), ctx.to_dict(), rec.to_dict(), [base.to_dict()])
         t1 = time.perf_counter()
         stats = RayExecutor(store, execution).global_stage(spec.stage(), spec)
-        wall = time.perf_counter() - t1
-        dropped = read_drops(store.stage_dir(rec))
-        pool = role == schema.POOL
-        if kind == "exact_dedup":
-            rec_ = recovery(np.unique(data.ids, return_inverse=True)[1].reshape(-1), uids, pool, dropped)
-        elif kind == "phash_dedup":
-            rec_ = recovery(data.hash_group, uids, pool, dropped)
-        elif kind == "pca_hash":
-            in_copy_group = np.bincount(data.copy_group)[data.copy_group] > 1  # copies caught too: not false
-            rec_ = recovery(np.where(data.reencode, data.copy_group, np.arange(len(uids)) + data.copy_group.max() + 1), uids, pool, dropped, in_copy_group)
-        elif kind == "copy_dedup":
-            rec_ = recovery(data.copy_group, uids, pool, dropped)
-        else:
-            rec_ = contamination(data, role, uids, dropped)
         steps = stats["steps"]
         out["stages"][kind] = {
-            "wall_seconds": round(wall, 2),
+            "dir": str(store.stage_dir(rec)),
+            "wall_seconds": round(time.perf_counter() - t1, 2),
             "largest_task_peak_rss_mb": max(s["peak_rss_mb_max"] for s in steps),
             "largest_task_step": max(steps, key=lambda s: s["peak_rss_mb_max"])["step"],
             "steps": steps,
             "summary": stats["summary"],
-            "recovery": rec_,
-            "drops_digest": digest(store.stage_dir(rec)),
             "nodes": sorted({nd for s in steps for nd in s["nodes"]}),
         }
-    out["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    out["run_dir_gb"] = round(sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2**30, 3)
     ray.shutdown()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    out["driver_peak_rss_mb"] = monitor.stop()["peak_rss_mb"]
     return out
+
+
+def evaluate(run_dir: Path, result: dict) -> None:
+    """Planted groups recovered per stage, and a digest of every stage's drops."""
+    from curation import schema
+
+    p = np.load(run_dir / "planted.npz")
+    role, uids, pool = p["role"], p["uids"], p["role"] == schema.POOL
+    for kind, s in result["stages"].items():
+        stage_dir = Path(s.pop("dir"))
+        dropped = read_drops(stage_dir)
+        if kind == "exact_dedup":
+            rec = recovery(np.unique(p["ids"], return_inverse=True)[1].reshape(-1), uids, pool, dropped)
+        elif kind == "phash_dedup":
+            rec = recovery(p["hash_group"], uids, pool, dropped)
+        elif kind == "pca_hash":
+            g = p["copy_group"]
+            in_copy_group = np.bincount(g)[g] > 1  # copies caught as well are no false drops
+            rec = recovery(np.where(p["reencode"], g, np.arange(len(uids)) + g.max() + 1), uids, pool, dropped, in_copy_group)
+        elif kind == "copy_dedup":
+            rec = recovery(p["copy_group"], uids, pool, dropped)
+        else:
+            rec = contamination(p["copy_group"], role, uids, dropped)
+        s["recovery"] = rec
+        s["drops_digest"] = digest(stage_dir)
+    result["eval_rows"] = int((role == schema.EXCLUDE).sum())
+    result["run_dir_gb"] = round(sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2**30, 3)
 
 
 # ---------------------------------------------------------------------------------------------
 # Parent: sizes, the two-node cluster, the table
 # ---------------------------------------------------------------------------------------------
-def run_child(args, n: int, address: str | None = None, env: dict | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(n), "--shard-rows", str(args.shard_rows), "--seed", str(args.seed), "--work", str(args.work), "--stages", *args.stages]
+def _python(args_: list[str], env: dict | None = None) -> str:
+    proc = subprocess.run([sys.executable, __file__, *args_], capture_output=True, text=True, env=env or os.environ.copy())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args_[:2]} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def run_one(args, n: int, address: str | None = None, env: dict | None = None) -> dict:
+    """Generate (one process), drive (a fresh driver process), evaluate (here), clean up."""
+    run_dir = args.work / f"run-{n}{'-cluster' if address else ''}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    _python(["--generate", str(n), "--run-dir", str(run_dir), "--shard-rows", str(args.shard_rows), "--seed", str(args.seed)])
+    generated = time.perf_counter() - t0
+    cmd = ["--drive", str(run_dir), "--seed", str(args.seed), "--stages", *args.stages]
     if address:
         cmd += ["--address", address]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ.copy())
-    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"N={n} failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    return json.loads(line)
+    out = _python(cmd, env)
+    result = json.loads(next(ln for ln in reversed(out.splitlines()) if ln.startswith("{")))
+    result.update({"n": n, "generate_seconds": round(generated, 1)})
+    evaluate(run_dir, result)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
 
 
 def two_node(args, n: int) -> dict:
@@ -262,7 +286,7 @@ def two_node(args, n: int) -> dict:
     cluster = LocalCluster(root).start()
     try:
         env = {**cluster.env, "PYTHONPATH": str(ROOT)}
-        return run_child(args, n, address=f"127.0.0.1:{cluster.gcs_port}", env=env)
+        return run_one(args, n, address=f"127.0.0.1:{cluster.gcs_port}", env=env)
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -330,11 +354,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", nargs="*", default=list(STAGES))
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "curation-scale")
-    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--generate", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--drive", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--run-dir", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child is not None:
-        print(json.dumps(child(args.child, args.shard_rows, args.seed, args.address, args.work, args.stages)))
+    if args.generate is not None:
+        write_shards(args.run_dir, args.generate, args.shard_rows, args.seed)
+        return
+    if args.drive is not None:
+        print(json.dumps(drive(args.drive, args.seed, args.address, args.stages)))
         return
     sizes = args.sizes or ([20_000, 40_000] if args.quick else [500_000, 1_000_000, 2_000_000, 4_000_000])
     if args.quick:
@@ -343,7 +372,7 @@ def main() -> None:
     runs = []
     for n in sizes:
         t0 = time.perf_counter()
-        runs.append(run_child(args, n))
+        runs.append(run_one(args, n))
         print(f"N={n}: {time.perf_counter() - t0:.0f} s", flush=True)
     report = {"benchmark": "scale", "cpus": os.cpu_count(), "dim": DIM, "stage_configs": STAGES, "shard_rows": args.shard_rows, "runs": runs}
     print_table(runs, args.stages)
