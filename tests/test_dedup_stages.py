@@ -230,3 +230,49 @@ def test_stages_validate_from_pipeline_yaml_entries():
     assert [s.kind for s in cfg.stages] == ["phash", "phash_dedup", "pca_hash", "copy_dedup", "decontaminate"]
     with pytest.raises(ValueError):
         PipelineConfig.model_validate({"stages": [{"kind": "copy_dedup", "index": {"spec": "Flat", "bogus": 1}}]})
+
+
+# -- grouping: star (no chaining) ------------------------------------------------------------
+def chain_of_three_hashes():
+    a = np.uint64(0)
+    b = a ^ np.uint64(0b111)  # 3 bits from a
+    c = b ^ np.uint64(0b111000)  # 3 bits from b, 6 from a
+    return np.array([a, b, c], np.uint64)
+
+
+@pytest.mark.parametrize("grouping, kept", [("components", {0}), ("star", {0, 2})])
+def test_phash_chain_keeps_both_ends_under_star_and_one_under_components(tmp_path, grouping, kept):
+    table = rows_table(3, width=[300, 200, 100], phash=pa.array(chain_of_three_hashes(), pa.uint64()))
+    result = make_stage(PhashDedupStage, tmp_path, radius=3, flip=False, grouping=grouping).run(table)
+    uid = table.column(schema.UID).to_numpy()
+    drops = drops_by_uid(result)
+    assert {i for i in range(3) if int(uid[i]) not in drops} == kept
+    distances = {u: d["hamming_distance"] for u, (_, d) in drops.items()}
+    assert all(d["kept_uid"] == int(uid[0]) for _, d in drops.values())
+    # The distance to the image kept in its place: beyond the radius only under components.
+    assert distances == ({int(uid[1]): 3, int(uid[2]): 6} if grouping == "components" else {int(uid[1]): 3})
+
+
+def test_star_records_the_direct_similarity_to_its_own_representative(tmp_path):
+    e = np.eye(3, 32, dtype=np.float32)
+    a, c = e[0], unit(0.5 * e[0] + np.sqrt(0.75) * e[1])  # cos(a, c) = 0.5
+    b = unit(a + c)  # cos(a, b) = cos(b, c) = 0.87
+    x = np.vstack([a, b, c])
+    for grouping, expect_kept in (("components", 1), ("star", 2)):
+        table = rows_table(3, width=[300, 200, 100], sscd_descriptor=descriptor_column(x, pa.float32()))
+        result = make_stage(CopyDedupStage, tmp_path, threshold=0.7, grouping=grouping).run(table)
+        drops = drops_by_uid(result)
+        assert 3 - len(drops) == expect_kept
+        if grouping == "components":  # the paper's rule: c dropped as a copy of a at cos 0.5
+            assert min(d["similarity"] for _, d in drops.values()) == pytest.approx(0.5, abs=1e-3)
+        else:
+            assert all(d["similarity"] > 0.7 for _, d in drops.values())
+            assert result.summary["grouping"] == "star"
+
+
+def test_phash_records_the_distance_through_either_mirror(tmp_path):
+    h = np.array([0x0F, 0xFF00FF00FF00FF00], np.uint64)
+    flip = np.array([0xFF00FF00FF00FF01, 0xAAAA], np.uint64)  # a's mirror is 1 bit from b
+    table = rows_table(2, width=[300, 100], phash=pa.array(h, pa.uint64()), phash_flip=pa.array(flip, pa.uint64()))
+    (_, details), = drops_by_uid(make_stage(PhashDedupStage, tmp_path, radius=6).run(table)).values()
+    assert details["hamming_distance"] == 1  # the edge's distance, not hash-to-hash (far larger)

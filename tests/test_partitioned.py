@@ -103,12 +103,17 @@ def hash_table(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
     return table, chain
 
 
-def test_phash_dedup_forms_agree_with_mirrors_and_a_chain_across_partitions(tmp_path):
+@pytest.mark.parametrize("grouping", ["components", "star"])
+def test_phash_dedup_forms_agree_with_mirrors_and_a_chain_across_partitions(tmp_path, grouping):
     table, chain = hash_table(2400)
-    single, parted = assert_same(both_forms(tmp_path, table, PhashDedupStage, {"radius": 4}, shard_rows=150, **SMALL))
+    config = {"radius": 4, "grouping": grouping}
+    single, parted = assert_same(both_forms(tmp_path, table, PhashDedupStage, config, shard_rows=150, **SMALL))
     for key in ("components", "dropped", "largest_group"):
         assert parted["summary"][key] == single["summary"][key]
-    assert single["summary"]["largest_group"] >= len(chain)  # the chain is one component
+    if grouping == "components":
+        assert single["summary"]["largest_group"] >= len(chain)  # the chain is one component
+    else:  # under star no drop is further than the radius from the image kept in its place
+        assert single["summary"]["largest_group"] < len(chain)
     assert tasks_of(parted, "pairs") > 5 and any(s["step"].startswith("components.r") for s in parted["steps"])
 
 
@@ -132,12 +137,12 @@ def test_phash_dedup_without_flip_agrees(tmp_path):
 
 
 # -- pca_hash --------------------------------------------------------------------------------
-@pytest.mark.parametrize("sample_size", [100_000, 700])
-def test_pca_hash_forms_fit_the_same_sample_and_agree(tmp_path, sample_size):
+@pytest.mark.parametrize("sample_size, grouping", [(100_000, "components"), (700, "star")])
+def test_pca_hash_forms_fit_the_same_sample_and_agree(tmp_path, sample_size, grouping):
     planted = planted_groups(2500, 64, copy_noise=0.03, seed=3)
     table = pa.table({"pixels_descriptor": fixed_list(planted.x), **sizes(2500, 3)})
     single, parted = assert_same(
-        both_forms(tmp_path, table, PcaHashStage, {"sample_size": sample_size}, shard_rows=200, **SMALL)
+        both_forms(tmp_path, table, PcaHashStage, {"sample_size": sample_size, "grouping": grouping}, shard_rows=200, **SMALL)
     )
     assert parted["summary"]["explained_variance_ratio"] == single["summary"]["explained_variance_ratio"]
 
@@ -171,6 +176,15 @@ def primary_lists(run_dir, stage_name: str) -> dict[int, int]:
                 if prim:
                     out[u] = int(p)
     return out
+
+
+def test_copy_dedup_star_grouping_forms_agree(tmp_path):
+    x, chain = chained_descriptors(2000, 64, seed=7)
+    table = pa.table({"sscd_descriptor": fixed_list(x), **sizes(2000, 7)})
+    config = {"threshold": 0.6, "grouping": "star", "index": {"list_size": 300, "list_probe": 1000}}
+    single, parted = assert_same(both_forms(tmp_path, table, CopyDedupStage, config, shard_rows=150, **SMALL))
+    details = [json.loads(d) for d in parted_drops(tmp_path).column(schema.DROP_DETAILS).to_pylist()]
+    assert all(d["similarity"] > 0.6 for d in details)  # every drop passes against its own kept image
 
 
 def test_copy_dedup_with_every_list_probed_agrees_and_finds_components_across_lists(tmp_path):
@@ -235,3 +249,27 @@ def test_stages_see_only_the_rows_of_their_roles_in_both_forms(tmp_path):
     (single, d1, _), (parted, d2, _) = both_forms(tmp_path, table, CopyDedupStage, {}, shard_rows=2, max_partition_rows=2, map_task_rows=2)
     assert d1.equals(d2) and d1.num_rows == 2  # two of the three pool copies; seeds, evals untouched
     assert single["applies_to"] == parted["applies_to"] == 3
+
+
+def chain_table(n: int, seed: int = 8) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    h = np.bitwise_xor.accumulate(np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64))  # one-bit steps
+    return pa.table({"phash": pa.array(h, pa.uint64()), **sizes(n, seed)})
+
+
+def test_a_long_chain_is_one_component_and_star_groups_agree(tmp_path):
+    single, parted = assert_same(
+        both_forms(tmp_path, chain_table(8_000), PhashDedupStage, {"radius": 3, "flip": False, "grouping": "star"}, shard_rows=500,
+                   max_partition_rows=1000, map_task_rows=2000)
+    )
+    assert parted["summary"]["dropped"] > 4_000 and any(s["step"].startswith("components.r") for s in parted["steps"])
+
+
+@pytest.mark.slow
+def test_a_chain_of_100k_images_under_star_in_bounded_chunks(tmp_path):
+    single, parted = assert_same(
+        both_forms(tmp_path, chain_table(100_000), PhashDedupStage, {"radius": 3, "flip": False, "grouping": "star"}, shard_rows=5000,
+                   max_partition_rows=10_000, map_task_rows=20_000)
+    )
+    keep = next(s for s in parted["steps"] if s["step"] == "keep")
+    assert keep["tasks"] >= 1 and parted["summary"]["largest_group"] < 100

@@ -40,7 +40,26 @@ def bits_to_codes(bits: np.ndarray) -> np.ndarray:
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise Hamming distance between packed codes of equal shape."""
     x = np.bitwise_xor(np.asarray(a, np.uint8), np.asarray(b, np.uint8))
-    return np.unpackbits(x, axis=-1).sum(axis=-1).astype(np.int64)
+    return np.bitwise_count(x).sum(axis=-1, dtype=np.int64)
+
+
+def within_radius(codes: np.ndarray, radius: int, kept_codes: np.ndarray | None = None):
+    """``passes(kept, candidates)`` for the star rule: Hamming distance between the candidates'
+    ``codes`` and the kept row's code (in ``kept_codes``, default the same array) <= ``radius``.
+    Codes are compared as 64-bit words (popcount), the fast path for chunks of a giant component."""
+    codes = np.ascontiguousarray(codes, np.uint8)
+    kept_codes = codes if kept_codes is None else np.ascontiguousarray(kept_codes, np.uint8)
+    wide = codes.shape[1] % 8 == 0
+    words, kept_words = (codes.view(np.uint64), kept_codes.view(np.uint64)) if wide else (None, None)
+
+    def passes(kept: int, cand: np.ndarray) -> np.ndarray:
+        if wide:
+            d = np.bitwise_count(words[cand] ^ kept_words[kept]).sum(axis=1, dtype=np.int64)
+        else:
+            d = hamming(codes[cand], kept_codes[kept][None, :])
+        return d <= radius
+
+    return passes
 
 
 def multihash_layout(n: int, nbits: int) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from curation import schema
 from curation.dedup.components import component_sizes, pick_keepers
+from curation.dedup.grouping import Passes, star_keepers
 from curation.dedup.descriptors import descriptor_matrix
 from curation.stage import make_drops
 
@@ -63,19 +64,26 @@ def duplicate_drops(
     reason: str,
     score_name: str,
     score: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    passes: Passes | None = None,
 ) -> tuple[pa.Table, dict]:
     """Drops for every non-kept member of each component, plus summary counts.
 
     ``score(dropped_idx, kept_idx)`` gives the figure recorded for each drop (cosine similarity
-    or Hamming distance between the dropped row and its kept representative).
+    or Hamming distance between the dropped row and the image kept in its place). Without
+    ``passes`` one image per component is kept (``grouping: components``); with it, the star rule
+    of ``curation.dedup.grouping`` (``passes(kept_idx, candidate_idx)`` is the stage's test).
     """
     n = len(rows)
     if n == 0:
         return make_drops([], [], []), {"groups": 0, "dropped": 0, "largest_group": 0}
-    keepers = pick_keepers(labels, rows.area, rows.uid)
+    if passes is None:
+        keepers = pick_keepers(labels, rows.area, rows.uid)
+    else:
+        keepers = star_keepers(labels, rows.area, rows.uid, passes)
     sizes = component_sizes(labels)
     dropped = np.flatnonzero(keepers != np.arange(n))
     kept = keepers[dropped]
+    group_size = np.bincount(keepers, minlength=n)  # rows kept in place of each row, itself included
     values = np.asarray(score(dropped, kept)) if len(dropped) else np.zeros(0)
     details = [
         {
@@ -84,6 +92,7 @@ def duplicate_drops(
             "kept_source_key": rows.source_key[k],
             score_name: round(float(v), 4) if isinstance(v, (float, np.floating)) else int(v),
             "component_size": int(sizes[d]),
+            **({} if passes is None else {"group_size": int(group_size[k])}),
         }
         for d, k, v in zip(dropped, kept, values)
     ]
@@ -93,4 +102,6 @@ def duplicate_drops(
         "dropped": int(len(dropped)),
         "largest_group": int(sizes.max()),
     }
+    if passes is not None:
+        summary.update({"groups": int((group_size > 1).sum()), "largest_group": int(group_size.max()), "grouping": "star"})
     return drops, summary

@@ -30,6 +30,7 @@ def hash_dedup_steps(
     reason: str,
     score: Callable[..., np.ndarray],
     columns: tuple[str, ...] | None = None,
+    test: Callable | None = None,
 ) -> list:
     """Steps from codes to drops. ``codes_of(table, ctx)`` gives (uids, packed codes), with a uid
     repeated for each of its ``copies`` codes (a hash and its mirror)."""
@@ -50,11 +51,11 @@ def hash_dedup_steps(
                    [Output("edges", lambda s: s.partitions_for(s.n_rows))]),
         ComponentsStep("components", "pairs/edges"),
         members_step("members", "components/labels", payload),
-        keep_step("keep", "members/members", duplicate_keep(reason, "hamming_distance", score)),
+        keep_step("keep", "members/members", duplicate_keep(reason, "hamming_distance", score, test)),
     ]
 
 
-def hash_summary(counters: dict, nbits: int, radius: int) -> dict:
+def hash_summary(counters: dict, nbits: int, radius: int, grouping: str) -> dict:
     """The summary of a partitioned hash stage, with the single-task form's keys where they exist."""
     codes, pairs, keep = counters.get("buckets", {}), counters.get("pairs", {}), counters.get("keep", {})
     return {
@@ -64,6 +65,7 @@ def hash_summary(counters: dict, nbits: int, radius: int) -> dict:
         "dropped": int(keep.get("dropped", 0)),
         "largest_group": int(keep.get("largest_group_max", 0)),
         "radius": radius,
+        "grouping": grouping,
         "index": f"multi-index hashing ({len(substring_bounds(nbits, radius))} substrings), partitioned",
         "largest_bucket_partition_rows": int(pairs.get("partition_rows_max", 0)),
     }

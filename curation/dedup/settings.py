@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from curation.index_settings import IndexSettings
@@ -13,6 +15,16 @@ class DedupStageConfig(StageConfig):
 
     reason: str = Field(description="ledger reason of dropped rows")
     num_cpus: float = Field(1, gt=0, description="CPUs reserved for the global task (faiss still uses every core of its node)")
+
+
+class GroupingConfig(DedupStageConfig):
+    """A copy-deduplication stage: which images a group of linked images keeps."""
+
+    grouping: Literal["components", "star"] = Field(
+        "components",
+        description="components: one image kept per connected component (the paper's rule; chains drop unlike images); "
+        "star: each drop passes the stage's test against the very image kept in its place",
+    )
 
 
 class KnnGraphConfig(DedupStageConfig):

@@ -70,13 +70,15 @@ def keep_step(name: str, members: str, keep_fn: Callable[[pa.Table, np.ndarray, 
     return ReduceStep(name, members, fn, [Output(DROPS, lambda s: s.n_groups)])
 
 
-def duplicate_keep(reason: str, score_name: str, score: Callable[..., np.ndarray]):
+def duplicate_keep(reason: str, score_name: str, score: Callable[..., np.ndarray], test: Callable | None = None):
     """The copy-deduplication keep rule (``groups.duplicate_drops``) as a ``keep_fn``:
-    ``score(members, dropped_idx, kept_idx, ctx)`` gives the figure recorded for each drop."""
+    ``score(members, dropped_idx, kept_idx, ctx)`` gives the figure recorded for each drop;
+    ``test(members, ctx)``, for ``grouping: star``, returns the stage's ``passes(kept, candidates)``."""
 
     def keep(table: pa.Table, labels: np.ndarray, ctx: TaskContext) -> pa.Table:
         rows: Rows = rows_of(table, np.ones(table.num_rows, bool))
-        drops, summary = duplicate_drops(rows, labels, reason, score_name, lambda d, k: score(table, d, k, ctx))
+        passes = test(table, ctx) if test is not None else None
+        drops, summary = duplicate_drops(rows, labels, reason, score_name, lambda d, k: score(table, d, k, ctx), passes)
         ctx.count("components", summary["groups"])
         ctx.count("dropped", summary["dropped"])
         ctx.peak("largest_group", summary["largest_group"])

@@ -28,13 +28,13 @@ from curation.dedup.descriptors import descriptor_matrix, normalize_rows
 from curation.dedup.groups import duplicate_drops, with_descriptor
 from curation.dedup.ivf_graph import graph_summary, knn_graph_steps
 from curation.dedup.knn_graph import graph_recall, knn_edges
-from curation.dedup.settings import KnnGraphConfig, knn_resources
+from curation.dedup.settings import GroupingConfig, KnnGraphConfig, knn_resources
 from curation.partitioned.keepers import duplicate_keep, keep_step, members_step
 from curation.partitioned.keys import sample_rate, sampled
 from curation.stage import GlobalResult, GlobalStage, Resources
 
 
-class CopyDedupConfig(KnnGraphConfig):
+class CopyDedupConfig(KnnGraphConfig, GroupingConfig):
     kind: Literal["copy_dedup"] = "copy_dedup"
     threshold: float = Field(0.6, ge=-1, le=1, description="cosine similarity above which two images are copies")
     reason: str = "near_duplicate"
@@ -42,6 +42,11 @@ class CopyDedupConfig(KnnGraphConfig):
 
 def cosine(x: np.ndarray, d: np.ndarray, k: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nd->n", x[d], x[k])
+
+
+def above(x: np.ndarray, threshold: float):
+    """The star rule's test: cosine to the kept image above the threshold."""
+    return lambda kept, cand: np.einsum("nd,d->n", x[cand], x[kept]) > threshold
 
 
 class CopyDedupStage(GlobalStage):
@@ -62,7 +67,8 @@ class CopyDedupStage(GlobalStage):
         index = cfg.index.make_index(x.shape[1] if x.ndim == 2 else 1, self.context.seed)
         graph = knn_edges(x, cfg.k, cfg.threshold, index)
         labels = connected_components(len(rows), graph.src, graph.dst)
-        drops, groups = duplicate_drops(rows, labels, cfg.reason, "similarity", lambda d, k: cosine(x, d, k))
+        passes = above(x, cfg.threshold) if cfg.grouping == "star" else None
+        drops, groups = duplicate_drops(rows, labels, cfg.reason, "similarity", lambda d, k: cosine(x, d, k), passes)
         queries = np.flatnonzero(sampled(rows.uid, sample_rate(cfg.index.recall_queries, len(rows)), self.context.seed))
         summary = {
             **counts,
@@ -71,6 +77,7 @@ class CopyDedupStage(GlobalStage):
             "dropped": groups["dropped"],
             "largest_group": groups["largest_group"],
             "k": cfg.k,
+            "grouping": cfg.grouping,
             "threshold": cfg.threshold,
             "index": graph.index,
             f"recall_at_{cfg.k}": round(graph_recall(x, index, cfg.k, queries), 4) if len(rows) > 1 else None,
@@ -83,14 +90,19 @@ class CopyDedupStage(GlobalStage):
     def partitioned_steps(self):
         cfg = self.config
 
+        def vectors(members):
+            return normalize_rows(descriptor_matrix(members.column(cfg.descriptor), cfg.descriptor)[0])
+
         def score(members, d, k, ctx):
-            x, _ = descriptor_matrix(members.column(cfg.descriptor), cfg.descriptor)
-            return cosine(normalize_rows(x), d, k)
+            return cosine(vectors(members), d, k)
+
+        def test(members, ctx):
+            return above(vectors(members), cfg.threshold) if cfg.grouping == "star" else None
 
         return [
             *knn_graph_steps(cfg.descriptor, cfg.k, cfg.threshold, cfg.index, self.context.seed),
             members_step("members", "components/labels", (cfg.descriptor,)),
-            keep_step("keep", "members/members", duplicate_keep(cfg.reason, "similarity", score)),
+            keep_step("keep", "members/members", duplicate_keep(cfg.reason, "similarity", score, test)),
         ]
 
     def partitioned_summary(self, counters, facts):
@@ -102,6 +114,7 @@ class CopyDedupStage(GlobalStage):
             "components": int(keep.get("components", 0)),
             "dropped": int(keep.get("dropped", 0)),
             "largest_group": int(keep.get("largest_group_max", 0)),
+            "grouping": self.config.grouping,
         }
 
 

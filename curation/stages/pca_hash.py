@@ -22,13 +22,13 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curation import schema
-from curation.dedup.binary import hamming, hamming_pairs
+from curation.dedup.binary import hamming, hamming_pairs, within_radius
 from curation.dedup.components import connected_components
 from curation.dedup.descriptors import descriptor_matrix, normalize_rows
 from curation.dedup.groups import duplicate_drops, with_descriptor
 from curation.dedup.hash_steps import hash_dedup_steps, hash_summary
 from curation.dedup.pca_hash import PcaProjection, fit_pca, sign_codes
-from curation.dedup.settings import DedupStageConfig
+from curation.dedup.settings import GroupingConfig
 from curation.partitioned.files import with_partition
 from curation.partitioned.keys import sample_rate, sampled
 from curation.partitioned.steps import AggregateStep, Artifact, MapStep, Output
@@ -37,7 +37,7 @@ from curation.stage import GlobalResult, GlobalStage, Resources, empty_drops
 _SAMPLE_SALT = 0x50CA
 
 
-class PcaHashConfig(DedupStageConfig):
+class PcaHashConfig(GroupingConfig):
     kind: Literal["pca_hash"] = "pca_hash"
     descriptor: str = Field("pixels_descriptor", description="descriptor column (fixed-size list of floats) to hash")
     # 64 bits within radius 2 on the 32x32 pixel descriptor: precision 0.998 on real photos with
@@ -78,6 +78,11 @@ class PcaHashStage(GlobalStage):
             raise ValueError(f"the PCA sample has {len(sample)} descriptors; raise sample_size (now {self.config.sample_size})")
         return fit_pca(sample, self.config.bits, len(sample), self.context.seed)
 
+    def _passes(self, codes: np.ndarray):
+        if self.config.grouping != "star":
+            return None
+        return within_radius(codes, self.config.radius)
+
     def run(self, table: pa.Table) -> GlobalResult:
         cfg, t0 = self.config, time.perf_counter()
         rows, x, summary = with_descriptor(table, cfg.descriptor)
@@ -90,7 +95,9 @@ class PcaHashStage(GlobalStage):
         del x
         i, j, _, method = hamming_pairs(codes, cfg.radius, cfg.index)
         labels = connected_components(len(rows), i, j)
-        drops, counts = duplicate_drops(rows, labels, cfg.reason, "hamming_distance", lambda d, k: hamming(codes[d], codes[k]))
+        drops, counts = duplicate_drops(
+            rows, labels, cfg.reason, "hamming_distance", lambda d, k: hamming(codes[d], codes[k]), self._passes(codes)
+        )
         summary.update(
             {
                 "edges": int(len(i)),
@@ -98,6 +105,7 @@ class PcaHashStage(GlobalStage):
                 "dropped": counts["dropped"],
                 "largest_group": counts["largest_group"],
                 "distinct_hashes": int(len(np.unique(codes.view(np.dtype((np.void, codes.shape[1])))))),
+                "grouping": cfg.grouping,
                 "bits": cfg.bits,
                 "radius": cfg.radius,
                 "index": method,
@@ -145,19 +153,25 @@ class PcaHashStage(GlobalStage):
                 return np.zeros(0, np.int64), np.zeros((0, cfg.bits // 8), np.uint8)
             return table.column(schema.UID).to_numpy()[valid], sign_codes(self._vectors(x[valid]), projection)
 
-        def score(members, d, k, ctx):
+        def member_codes(members, ctx):
             x, _ = descriptor_matrix(members.column(cfg.descriptor), cfg.descriptor)
-            codes = sign_codes(self._vectors(x), _projection(ctx))
+            return sign_codes(self._vectors(x), _projection(ctx))
+
+        def score(members, d, k, ctx):
+            codes = member_codes(members, ctx)
             return hamming(codes[d], codes[k])
+
+        def test(members, ctx):
+            return self._passes(member_codes(members, ctx))
 
         return [
             MapStep("sample", sample, [Output("sample", 1)]),
             AggregateStep("pca", ["sample/sample"], fit),
-            *hash_dedup_steps(codes_of, cfg.radius, 1, cfg.index, (cfg.descriptor,), cfg.reason, score),
+            *hash_dedup_steps(codes_of, cfg.radius, 1, cfg.index, (cfg.descriptor,), cfg.reason, score, test=test),
         ]
 
     def partitioned_summary(self, counters, facts):
-        summary = hash_summary(counters, self.config.bits, self.config.radius)
+        summary = hash_summary(counters, self.config.bits, self.config.radius, self.config.grouping)
         b = counters.get("buckets", {})
         summary.update(
             {

@@ -20,16 +20,16 @@ import pyarrow as pa
 from pydantic import Field
 
 from curation import schema
-from curation.dedup.binary import hamming, hamming_pairs, uint64_to_codes
+from curation.dedup.binary import hamming, hamming_pairs, uint64_to_codes, within_radius
 from curation.dedup.components import connected_components
 from curation.dedup.groups import duplicate_drops, rows_of
 from curation.dedup.hash_steps import hash_dedup_steps, hash_summary
-from curation.dedup.settings import DedupStageConfig
+from curation.dedup.settings import GroupingConfig
 from curation.stage import GlobalResult, GlobalStage, Resources
 from curation.stages.phash import flip_column
 
 
-class PhashDedupConfig(DedupStageConfig):
+class PhashDedupConfig(GroupingConfig):
     kind: Literal["phash_dedup"] = "phash_dedup"
     column: str = Field("phash", description="uint64 hash column written by a `phash` stage")
     radius: int = Field(6, ge=0, le=32, description="largest Hamming distance (of 64 bits) counted as a duplicate")
@@ -62,9 +62,30 @@ class PhashDedupStage(GlobalStage):
         return mask, codes
 
     def distance(self, codes: np.ndarray, flipped: np.ndarray | None, d, k) -> np.ndarray:
-        """Hamming distance of dropped rows to their kept rows, the mirror included."""
+        """Hamming distance between rows d and k as the stage links them: the smallest over the
+        hashes and, with ``flip``, the mirrored hashes of either side."""
         best = hamming(codes[d], codes[k])
-        return np.minimum(best, hamming(codes[d], flipped[k])) if flipped is not None else best
+        if flipped is None:
+            return best
+        for a, b in ((codes[d], flipped[k]), (flipped[d], codes[k]), (flipped[d], flipped[k])):
+            best = np.minimum(best, hamming(a, b))
+        return best
+
+    def _passes(self, codes: np.ndarray, flipped: np.ndarray | None):
+        """The star rule's test: within the radius of the kept image."""
+        if self.config.grouping != "star":
+            return None
+        radius = self.config.radius
+        pairs = [(codes, codes)] if flipped is None else [(codes, codes), (codes, flipped), (flipped, codes), (flipped, flipped)]
+        tests = [within_radius(a, radius, b) for a, b in pairs]
+
+        def passes(kept: int, cand: np.ndarray) -> np.ndarray:
+            hit = tests[0](kept, cand)
+            for t in tests[1:]:
+                hit |= t(kept, cand)
+            return hit
+
+        return passes
 
     def run(self, table: pa.Table) -> GlobalResult:
         t0 = time.perf_counter()
@@ -78,7 +99,8 @@ class PhashDedupStage(GlobalStage):
         labels = connected_components(n, i, j)
         flipped = codes[1] if self.config.flip else None
         drops, counts = duplicate_drops(
-            rows, labels, self.config.reason, "hamming_distance", lambda d, k: self.distance(codes[0], flipped, d, k)
+            rows, labels, self.config.reason, "hamming_distance", lambda d, k: self.distance(codes[0], flipped, d, k),
+            self._passes(codes[0], flipped),
         )
         summary = {
             "rows": int(n),
@@ -88,6 +110,7 @@ class PhashDedupStage(GlobalStage):
             "dropped": counts["dropped"],
             "largest_group": counts["largest_group"],
             "index": method,
+            "grouping": self.config.grouping,
             "radius": self.config.radius,
             "seconds": round(time.perf_counter() - t0, 3),
         }
@@ -101,16 +124,23 @@ class PhashDedupStage(GlobalStage):
             ctx.count("skipped_no_hash", int((~mask).sum()))
             return np.tile(uids, len(codes)), np.vstack(codes)
 
-        def score(members: pa.Table, d, k, ctx):
+        def member_codes(members: pa.Table):
             codes = [uint64_to_codes(members.column(c).to_numpy().astype(np.uint64)) for c in self._hash_columns()]
-            return self.distance(codes[0], codes[1] if self.config.flip else None, d, k)
+            return codes[0], (codes[1] if self.config.flip else None)
+
+        def score(members: pa.Table, d, k, ctx):
+            return self.distance(*member_codes(members), d, k)
+
+        def test(members: pa.Table, ctx):
+            return self._passes(*member_codes(members))
 
         return hash_dedup_steps(
-            codes_of, self.config.radius, len(self._hash_columns()), self.config.index, self._hash_columns(), self.config.reason, score
+            codes_of, self.config.radius, len(self._hash_columns()), self.config.index, self._hash_columns(), self.config.reason,
+            score, test=test,
         )
 
     def partitioned_summary(self, counters, facts):
-        summary = hash_summary(counters, 64, self.config.radius)
+        summary = hash_summary(counters, 64, self.config.radius, self.config.grouping)
         summary["skipped_no_hash"] = int(counters.get("buckets", {}).get("skipped_no_hash", 0))
         return summary
 
