@@ -30,6 +30,15 @@ class Planted:
         return pairs
 
 
+def _bases_then_copies(rng, n: int, fraction: float, max_group: int) -> np.ndarray:
+    """Group ids: about ``fraction`` of ``n`` rows are extra members of groups of 2..max_group.
+    Rows 0..B-1 are the bases (group i = i), the copies follow (group = their base)."""
+    sizes = rng.integers(2, max_group + 1, size=max(1, int(n * fraction)))
+    sizes = sizes[np.cumsum(sizes - 1) <= int(n * fraction)]
+    extra = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes - 1)
+    return np.concatenate([np.arange(n - len(extra), dtype=np.int64), extra])
+
+
 def planted_groups(
     n: int,
     dim: int,
@@ -44,12 +53,8 @@ def planted_groups(
     """``n`` descriptors of which about ``duplicate_fraction`` are extra copies, in groups of
     2..``max_group`` members. Rows are shuffled so groups are not contiguous."""
     rng = np.random.default_rng(seed)
-    sizes = rng.integers(2, max_group + 1, size=max(1, int(n * duplicate_fraction)))
-    sizes = sizes[np.cumsum(sizes - 1) <= int(n * duplicate_fraction)]
-    n_copies = int((sizes - 1).sum())
-    n_bases = n - n_copies
-    copy_of = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes - 1)
-    group = np.concatenate([np.arange(n_bases, dtype=np.int64), copy_of])
+    group = _bases_then_copies(rng, n, duplicate_fraction, max_group)
+    n_bases = int(np.sum(group == np.arange(n)))
     centres = rng.standard_normal((topics, dim)).astype(np.float32) * (topic_spread / np.sqrt(dim))
     topic = rng.integers(0, topics, n_bases)
     x = np.empty((n, dim), np.float32)
@@ -94,12 +99,8 @@ class ScaleData:
 
 
 def _grouped(rng, n: int, fraction: float, max_group: int) -> np.ndarray:
-    """Group ids: about ``fraction`` of ``n`` rows are extra members of groups of 2..max_group."""
-    sizes = rng.integers(2, max_group + 1, size=max(1, int(n * fraction)))
-    sizes = sizes[np.cumsum(sizes - 1) <= int(n * fraction)]
-    extra = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes - 1)
-    group = np.concatenate([np.arange(n - len(extra), dtype=np.int64), extra])
-    return group[rng.permutation(n)]
+    """Group ids in shuffled row order (see ``_bases_then_copies``)."""
+    return _bases_then_copies(rng, n, fraction, max_group)[rng.permutation(n)]
 
 
 def scale_dataset(
