@@ -1,4 +1,13 @@
-"""``curate``: a thin command line over the library (curation.runner, curation.query, ...)."""
+"""``curate``: a thin command line over the library (curation.runner, curation.query, ...).
+
+Exit codes, for every subcommand:
+
+* 0 -- it worked;
+* 2 -- refused before any work: bad usage, a configuration error (all of them listed at once),
+  missing inputs or model weights, a run directory that holds another run, a bad SQL query;
+* 1 -- it failed while working (a stage failed, a download broke off, an unexpected error,
+  which prints its traceback).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,12 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Arguments that do not make a command (exit code 2)."""
+
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", action="append", default=[], required=True, help="crawl input: folder, tar shards, Parquet or URL list (repeatable)")
@@ -19,15 +34,36 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=[], help="evaluation set to decontaminate against: catalog name or path (repeatable)")
     p.add_argument("--out", default="runs/latest", help="run directory (default: runs/latest)")
     p.add_argument("--config", default=None, help="pipeline YAML or a name in pipelines/ (default: lvd)")
-    p.add_argument("--allow-missing-weights", action="store_true", help="run stages whose model weights are missing as NOT applied, reported loudly")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a pipeline option (repeatable): ingest.shard_size=500, stages.copy_dedup.threshold=0.7 "
+        "(a stage by its name, else its kind, or its index), stages.nsfw.enabled=false; VALUE is YAML",
+    )
+    p.add_argument(
+        "--allow-missing-weights", action="store_true",
+        help="run every model stage whose weights are missing (nsfw, embed) as NOT applied: its column stays empty, "
+        "it drops nothing, and the manifest and summary say so",
+    )
+    p.add_argument("--fetch-weights", action="store_true", help="download missing weights into the cache first, when the network is reachable")
+    p.add_argument("--trust-on-first-use", action="store_true", help="with --fetch-weights: accept weights whose upstream publishes no checksum")
 
 
 def cmd_run(args) -> int:
     from curation.config import load_config
+    from curation.models import check_pipeline
     from curation.runner import RunRequest, run_pipeline
     from curation.summary import print_summary
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, sets=args.set)
+    missing_pools = [p for p in args.pool if not Path(p).exists()]
+    if missing_pools:
+        raise UsageError(f"--pool path(s) do not exist: {', '.join(missing_pools)}")
+    notes = check_pipeline(
+        cfg, allow_missing=args.allow_missing_weights, fetch=args.fetch_weights,
+        trust_on_first_use=args.trust_on_first_use, seeds=bool(args.seeds),
+    )
+    for note in notes:
+        print(f"curate run: {'WARNING: ' if 'NOT applied' in note else ''}{note}", file=sys.stderr)
     req = RunRequest(
         pools=args.pool,
         seeds=args.seeds,
@@ -40,20 +76,26 @@ def cmd_run(args) -> int:
     )
     manifest = run_pipeline(req)
     print_summary(manifest)
-    return 0
+    return EXIT_OK
 
 
 def cmd_query(args) -> int:
+    import duckdb
+
     from curation.query import run_query
 
-    rel = run_query(args.run, args.sql)
-    if args.format == "csv":
-        rel.to_df().to_csv(sys.stdout, index=False)
-    elif args.format == "json":
-        print(rel.to_df().to_json(orient="records", default_handler=str))
-    else:
-        rel.show(max_rows=args.max_rows, max_width=200)
-    return 0
+    try:
+        rel = run_query(args.run, args.sql)
+        if args.format == "csv":
+            rel.to_df().to_csv(sys.stdout, index=False)
+        elif args.format == "json":
+            print(rel.to_df().to_json(orient="records", default_handler=str))
+        else:
+            rel.show(max_rows=args.max_rows, max_width=200)
+    except duckdb.Error as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"query failed: {first} (views: dataset, ledger, manifest, shards, stage_<name>)") from None
+    return EXIT_OK
 
 
 def cmd_status(args) -> int:
@@ -61,13 +103,13 @@ def cmd_status(args) -> int:
         from curation.jobs import job_status
 
         print(json.dumps(job_status(args.job, args.address), indent=2))
-        return 0
+        return EXIT_OK
     if not args.run:
-        raise SystemExit("curate status: give --run DIR or a JOB id with --address")
+        raise UsageError("curate status: give --run DIR or a JOB id with --address")
     run = Path(args.run)
     status_path = run / "status.json"
     if not status_path.exists():
-        raise SystemExit(f"{run} has no status.json: not a run directory, or the run has not started")
+        raise UsageError(f"{run} has no status.json: not a run directory, or the run has not started")
     status = json.loads(status_path.read_text())
     print(f"state: {status['state']}  updated: {status['updated']}")
     for s in status["stats"]:
@@ -77,7 +119,7 @@ def cmd_status(args) -> int:
         from curation.summary import print_summary
 
         print_summary(json.loads(manifest.read_text()))
-    return 0
+    return EXIT_OK
 
 
 def cmd_stages(args) -> int:
@@ -94,7 +136,7 @@ def cmd_stages(args) -> int:
             default = field.default if field.default_factory is None else field.default_factory()
             desc = f"  -- {field.description}" if field.description else ""
             print(f"    {name} = {default!r}{desc}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_demo(args) -> int:
@@ -108,25 +150,76 @@ def cmd_submit(args) -> int:
 
     job_id = submit_run(args)
     print(job_id)
-    return 0
+    return EXIT_OK
 
 
 def cmd_logs(args) -> int:
     from curation.jobs import job_logs
 
     job_logs(args.job, args.address, follow=args.follow)
-    return 0
+    return EXIT_OK
 
 
 def cmd_stop(args) -> int:
     from curation.jobs import stop_job
 
     print(json.dumps({"job": args.job, "stopped": stop_job(args.job, args.address)}))
-    return 0
+    return EXIT_OK
+
+
+# What each subcommand does and one way to call it; shown by `curate COMMAND --help`.
+HELP = {
+    "run": ("Curate a crawl: ingest the pools, run the pipeline's stages, write RUN/dataset and RUN/manifest.json. "
+            "Model weights are checked first (all missing files at once); a re-run of the same command resumes.",
+            "curate run --pool crawl/ --seeds imagenet1k --out runs/lvd --config lvd --set ingest.shard_size=500"),
+    "query": ("SQL (DuckDB) over a run: views dataset, ledger, manifest, shards and stage_<name>.",
+              "curate query \"select stage, reason, count(*) from ledger group by all order by 3 desc\" --run runs/lvd"),
+    "status": ("Progress of a run directory (--run) or of a job submitted to a Ray cluster (JOB --address).",
+               "curate status --run runs/lvd"),
+    "stages": ("Every stage kind with its options, defaults and meanings: the pipeline YAML reference.", "curate stages"),
+    "demo": ("Generate a few hundred images served on 127.0.0.1 (with planted faults) plus a local folder, and curate them.",
+             "curate demo --out demo-run"),
+    "submit": ("Send the same run to a Ray cluster as a Ray job; the run directory must be on storage every node mounts.",
+               "curate submit --address http://head:8265 --pool /mnt/crawl --out /mnt/runs/lvd --config lvd"),
+    "logs": ("Logs of a submitted job.", "curate logs curate-lvd-1a2b3c4d-20240601-120000-beef --address http://head:8265 --follow"),
+    "stop": ("Stop a submitted job.", "curate stop curate-lvd-1a2b3c4d-20240601-120000-beef --address http://head:8265"),
+    "models": ("List, fetch and verify the model weights a pipeline needs.", "curate models list --config lvd"),
+    "report": ("A self-contained HTML report of a finished run: funnel, drops with examples, score histograms, duplicate clusters, faces, retrieval.",
+               "curate report runs/lvd --out lvd-report.html"),
+    "train": ("DINOv2 pretraining (DINO + iBOT + KoLeo, EMA teacher) streamed from a curated manifest; resumes from RUN.",
+              "curate train --manifest runs/lvd/manifest.json --output runs/vit-s --arch vit_small --set optim.epochs=10"),
+    "export": ("Write the trained teacher backbone as a timm-loadable checkpoint (format curation.vit/1) for the embed stage.",
+               "curate export --checkpoint runs/vit-s --output teacher.pt"),
+    "eval": ("Evaluate frozen features of a checkpoint: k-NN, linear probe, or PCA images of patch features.",
+             "curate eval knn --checkpoint teacher.pt --data labelled/ --k 20"),
+    "eval knn": ("k-NN accuracy on a labelled folder (weighted vote, as DINO).", "curate eval knn --checkpoint teacher.pt --data labelled/ --k 20"),
+    "eval linear": ("Linear-probe accuracy on frozen features of a labelled folder.", "curate eval linear --checkpoint runs/vit-s --data labelled/"),
+    "eval pca": ("PNGs of the first three PCA components of patch features.", "curate eval pca --checkpoint teacher.pt --images photos/ --output pca/"),
+}
+
+
+def _document(sub: argparse._SubParsersAction, prefix: str = "") -> None:
+    """Give every subcommand (nested ones too) its description and example, unless it has its own."""
+    for name, p in sub.choices.items():
+        key = f"{prefix}{name}"
+        if key in HELP:
+            desc, example = HELP[key]
+            p.description = p.description or desc
+            p.epilog = p.epilog or f"example:\n  {example}"
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _document(action, f"{key} ")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="curate", description="Curate an LVD-style dataset from a raw image crawl.")
+    from curation import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="curate", description="Curate an LVD-style dataset from a raw image crawl.",
+        epilog="exit codes: 0 ok; 2 refused before any work (usage, configuration, missing inputs or weights); 1 failed while working",
+    )
+    parser.add_argument("--version", action="version", version=f"curate {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -173,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True)
     p.set_defaults(func=cmd_stop)
 
+    from curation.models_cli import add_subcommands as add_models
+
+    add_models(sub)
     try:
         from curation.train.cli import add_subcommands
     except ImportError:  # the trainer is optional at import time (e.g. a trimmed install)
@@ -185,23 +281,34 @@ def build_parser() -> argparse.ArgumentParser:
         add_report = None
     if add_report is not None:
         add_report(sub)
+    _document(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def refusals() -> tuple[type[BaseException], ...]:
+    """Errors that mean "refused before any work" (exit code 2); they print as one line."""
     from curation.config import ConfigError
     from curation.ingest.plan import IngestError
-    from curation.runner import RunError
+    from curation.models import WeightsError
+    from curation.runner import RunError  # the runner raises it only to refuse a run (inputs, resume)
+
+    return (UsageError, ConfigError, IngestError, WeightsError, RunError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
     from curation.stage import StageError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors exit with 2 here
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, RunError, StageError, IngestError, FileNotFoundError) as e:
+    except refusals() as e:
         print(f"curate: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    except StageError as e:  # raised by stages while they work (the weights were checked before)
+        print(f"curate: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -137,6 +137,15 @@ class ExecutionConfig(Strict):
     task_memory_bytes: int | None = Field(None, ge=1, description="memory Ray reserves per partitioned task (None: no reservation)")
 
 
+class ModelsConfig(Strict):
+    """How a run gets its model weights (see ``curate models``); not part of the fingerprint."""
+
+    auto_fetch: bool = Field(False, description="before a run, download missing weights into the cache when the network is reachable")
+    trust_on_first_use: bool = Field(
+        False, description="let auto_fetch accept files whose upstream publishes no checksum (their first sha256 is recorded and verified later)"
+    )
+
+
 class PipelineConfig(Strict):
     name: str = "lvd"
     seed: int = Field(0, description="random seed for every stochastic step")
@@ -150,29 +159,36 @@ class PipelineConfig(Strict):
     )
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     @field_validator("stages", mode="before")
     @classmethod
     def _validate_stages(cls, raw: Any) -> list[StageConfig]:
+        """Every entry is validated, so one message lists the problems of all stages."""
         if raw is None:
             return []
         if not isinstance(raw, list):
             raise ValueError("stages must be a list of {kind: ..., ...} entries")
         out: list[StageConfig] = []
+        problems: list[str] = []
         for i, entry in enumerate(raw):
             if isinstance(entry, StageConfig):
                 out.append(entry)
                 continue
             if not isinstance(entry, dict) or "kind" not in entry:
-                raise ValueError(f"stages[{i}] must be a mapping with a 'kind'")
+                problems.append(f"stages[{i}] must be a mapping with a 'kind'")
+                continue
             try:
                 model = stage_class(entry["kind"]).Config
             except StageError as e:
-                raise ValueError(f"stages[{i}]: {e}") from None
+                problems.append(f"stages[{i}]: {e}")
+                continue
             try:
                 out.append(model.model_validate(entry))
             except ValidationError as e:
-                raise ValueError(f"stages[{i}] ({entry['kind']}): {_format_errors(e)}") from None
+                problems += [f"stages[{i}] ({entry['kind']}): {line}" for line in error_lines(e)]
+        if problems:
+            raise ValueError("\n".join(problems))
         return out
 
     @model_validator(mode="after")
@@ -195,8 +211,9 @@ class PipelineConfig(Strict):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the output (used to refuse an inconsistent resume).
-        Where Ray runs (address, CPUs, dashboard) does not change the output and is left out."""
-        payload = json.dumps(self.model_dump(mode="json", exclude={"ray"}), sort_keys=True)
+        Where Ray runs (address, CPUs, dashboard) and how weights are fetched (their checksums
+        are checked) do not change the output and are left out."""
+        payload = json.dumps(self.model_dump(mode="json", exclude={"ray", "models"}), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -204,16 +221,31 @@ class ConfigError(ValueError):
     """A pipeline file that cannot be used; the message says where and why."""
 
 
-def _format_errors(e: ValidationError) -> str:
-    parts = []
+def error_lines(e: ValidationError) -> list[str]:
+    """One ``where: what`` line per problem (stage entries already carry their own place)."""
+    lines = []
     for err in e.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["loc"] == ("stages",) and msg.startswith("stages["):
+            lines += msg.split("\n")
+            continue
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
+        lines.append(f"{loc}: {msg}")
+    return lines
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load a pipeline YAML (a path, or a name in pipelines/ such as 'lvd' or 'demo')."""
+def _format_errors(e: ValidationError) -> str:
+    lines = error_lines(e)
+    if len(lines) == 1:
+        return lines[0]
+    return f"{len(lines)} problems:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> PipelineConfig:
+    """Load a pipeline YAML (a path, or a name in pipelines/ such as 'lvd' or 'demo').
+
+    ``overrides`` is merged into the file; ``sets`` are ``KEY=VALUE`` strings (``--set``), see
+    :func:`apply_set` for how keys address fields and stages."""
     resolved = resolve_pipeline_path(path)
     try:
         raw = yaml.safe_load(resolved.read_text()) or {}
@@ -223,10 +255,69 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"{resolved}: the top level must be a mapping")
     if overrides:
         raw = _deep_merge(raw, overrides)
+    for item in sets or []:
+        apply_set(raw, item)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{resolved}: {_format_errors(e)}") from None
+        where = f"{resolved} with " + " ".join(f"--set {x}" for x in sets) if sets else str(resolved)
+        raise ConfigError(f"{where}: {_format_errors(e)}") from None
+
+
+def apply_set(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``--set KEY=VALUE`` to a raw pipeline mapping, in place.
+
+    KEY is dotted: ``ingest.shard_size``, ``ingest.http.retries``, ``models.auto_fetch``. Inside
+    a list a part is an index (``default_seed_recipes.1.k``); inside ``stages`` it may also be a
+    stage's name (its ``name:``, else its ``kind``): ``stages.copy_dedup.threshold``,
+    ``stages.sscd.model.path``, ``stages.nsfw.enabled``. VALUE is read as YAML (``0.7``,
+    ``false``, ``[a, b]``, ``{type: pixels}``). Fields missing from the file are added and
+    validated like the rest; a whole stage cannot be added this way."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set ingest.shard_size=500")
+    key, text = item.split("=", 1)
+    keys = [k.strip() for k in key.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"--set {item!r}: empty part in key {key!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+    node: Any = raw
+    for depth, k in enumerate(keys):
+        here = ".".join(keys[: depth + 1])
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            i = _list_index(node, k, here, item)
+            if last:
+                raise ConfigError(f"--set {item!r}: {here} is a whole list entry; set one of its fields ({here}.FIELD=...)")
+            node = node[i]
+        elif isinstance(node, dict):
+            if last:
+                node[k] = value
+            else:
+                if node.get(k) is None:
+                    node[k] = {}
+                elif not isinstance(node[k], (dict, list)):
+                    raise ConfigError(f"--set {item!r}: {here} is a value ({node[k]!r}), not a section")
+                node = node[k]
+        else:
+            raise ConfigError(f"--set {item!r}: {'.'.join(keys[:depth])} is a value, not a section")
+
+
+def _list_index(entries: list, key: str, here: str, item: str) -> int:
+    if key.lstrip("-").isdigit():
+        i = int(key)
+        if not -len(entries) <= i < len(entries):
+            raise ConfigError(f"--set {item!r}: {here}: index out of range (the list has {len(entries)} entries)")
+        return i
+    names = [e.get("name") or e.get("kind") if isinstance(e, dict) else None for e in entries]
+    matches = [i for i, n in enumerate(names) if n == key]
+    if len(matches) != 1:
+        known = ", ".join(str(n) for n in names if n) or "none"
+        problem = "matches several entries" if matches else "matches no entry"
+        raise ConfigError(f"--set {item!r}: {key!r} {problem} of {here.rsplit('.', 1)[0]} (names: {known}; or use an index)")
+    return matches[0]
 
 
 def resolve_pipeline_path(path: str | Path | None) -> Path:

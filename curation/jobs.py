@@ -86,7 +86,8 @@ def build_submission(args) -> Submission:
     from curation.config import load_config, resolve_pipeline_path
 
     config_file = resolve_pipeline_path(args.config).resolve()
-    cfg = load_config(config_file)
+    sets = list(getattr(args, "set", None) or [])
+    cfg = load_config(config_file, sets=sets)
     out = str(args.out)
     if not Path(out).is_absolute():
         raise JobError(
@@ -101,8 +102,11 @@ def build_submission(args) -> Submission:
         for v in values:
             argv += [flag, v]
     argv += ["--out", out, "--config", f"{CONFIG_DIR}/{config_file.name}"]
-    if getattr(args, "allow_missing_weights", False):
-        argv.append("--allow-missing-weights")
+    for item in sets:
+        argv += ["--set", item]
+    for flag in ("allow_missing_weights", "fetch_weights", "trust_on_first_use"):
+        if getattr(args, flag, False):
+            argv.append("--" + flag.replace("_", "-"))
     fingerprint = cfg.fingerprint()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     submission_id = f"curate-{_slug(cfg.name)}-{fingerprint[:8]}-{stamp}-{secrets.token_hex(2)}"

@@ -72,6 +72,11 @@ class StageConfig(BaseModel):
     def stage_name(self) -> str:
         return self.name or self.kind
 
+    def model_needs(self) -> list:
+        """Model files this stage loads (``curation.models.ModelNeed``): `curate models` lists,
+        fetches and verifies them, and a run checks them all before any work."""
+        return []
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -157,6 +162,40 @@ class Stage:
     def manifest_section(self) -> dict[str, Any]:
         """Facts about this stage for the manifest (e.g. 'NSFW filtering NOT applied')."""
         return {}
+
+
+class OptionalWeights:
+    """For stages that load model weights (mixed into a ``Stage``): missing weights stop the run
+    in ``preflight`` with ``missing_weights_help``; under ``--allow-missing-weights`` the stage
+    runs NOT applied instead (output columns null, nothing dropped) and the manifest says so."""
+
+    def weights_problem(self) -> str | None:
+        """Why the weights cannot be loaded, or None. Cheap: it runs on the driver."""
+        raise NotImplementedError
+
+    def not_applied_what(self) -> str:
+        return f"stage {self.name!r}"
+
+    def missing_weights_help(self, problem: str) -> str:
+        return f"stage {self.name!r}: {problem}"
+
+    def not_applied_warning(self, problem: str) -> str:
+        return f"{self.not_applied_what()} was NOT applied: {problem} (the run was started with --allow-missing-weights)"
+
+    def weights_preflight(self) -> list[str]:
+        problem = self.weights_problem()
+        if problem is None:
+            return []
+        if self.context.allow_missing_weights:
+            return [self.not_applied_warning(problem)]
+        raise StageError(self.missing_weights_help(problem))
+
+    def not_applied_section(self) -> dict[str, Any] | None:
+        """The manifest section of a stage that runs NOT applied, else None."""
+        problem = self.weights_problem()
+        if problem is not None and self.context.allow_missing_weights:
+            return {"applied": False, "warning": self.not_applied_warning(problem)}
+        return None
 
 
 class MapStage(Stage):

@@ -8,7 +8,6 @@ better on GPUs at a small cost in accuracy.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -25,8 +24,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def models_dir() -> Path:
-    """Where the pipeline looks for model files given by bare name (``$CURATION_MODELS``)."""
-    return Path(os.environ.get("CURATION_MODELS", Path.home() / ".cache" / "curation" / "models")).expanduser()
+    """Where the pipeline looks for model files given by bare name: the weights cache
+    (``$CURATION_MODELS``, see curation/models.py)."""
+    from curation.models import cache_dir
+
+    return cache_dir()
 
 
 def resolve_sscd_path(path: str | Path | None) -> Path:

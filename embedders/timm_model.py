@@ -80,23 +80,35 @@ def weights_location(name: str) -> str:
     cfg = get_pretrained_cfg(name)
     if cfg is None:
         return f"timm has no pretrained weights registered for {name!r} (see timm.list_models(pretrained=True))"
+    fetch = f"`curate models fetch timm/{name} --trust-on-first-use` (into the weights cache, $CURATION_MODELS), or "
     if cfg.hf_hub_id:
         hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         return (
-            f"Hugging Face hub repo {cfg.hf_hub_id!r}: on a connected machine run "
+            f"{fetch}Hugging Face hub repo {cfg.hf_hub_id!r}: on a connected machine run "
             f"`huggingface-cli download {cfg.hf_hub_id}` (or python -c \"import timm; timm.create_model('{name}', pretrained=True)\"), "
             f"then copy the hub cache ({hf_home}/hub) to this machine or point HF_HOME at it"
         )
     if cfg.url:
         hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-        return f"{cfg.url}: download it and put it in {hub_dir}/ (the torch hub cache)"
+        return f"{fetch}{cfg.url}: download it and put it in {hub_dir}/ (the torch hub cache)"
     return f"no download source registered for {name!r}"
 
 
+def cached_weights_file(name: str) -> Path | None:
+    """The file `curate models fetch timm/<name>` installed in the weights cache, if any."""
+    from curation.models import timm_entry
+
+    entry = timm_entry(name)
+    return entry.path if entry is not None and entry.path.is_file() else None
+
+
 def weights_cached(name: str) -> bool:
-    """Whether pretrained weights for ``name`` are present locally (no network access)."""
+    """Whether pretrained weights for ``name`` are present locally (no network access): in the
+    weights cache, the Hugging Face hub cache or the torch hub cache."""
     from timm.models import get_pretrained_cfg
 
+    if cached_weights_file(name) is not None:
+        return True
     cfg = get_pretrained_cfg(name)
     if cfg is None:
         return False
@@ -119,6 +131,9 @@ def create_headless(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torc
     import timm
 
     kwargs = {**kwargs, "num_classes": 0}
+    local = cached_weights_file(name) if pretrained else None
+    if local is not None:  # timm loads (and converts, with the model's filter) this file instead of downloading
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(local)}
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:

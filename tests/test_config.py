@@ -105,3 +105,65 @@ def test_fingerprint_changes_with_output_relevant_settings():
     b = load_config("smoke", overrides={"stages": [{"kind": "decode", "min_side": 33}, {"kind": "exact_dedup"}]})
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint() == load_config("smoke").fingerprint()
+
+
+def test_every_config_error_is_reported_at_once(tmp_path):
+    text = (
+        "ingest: {shard_size: 0}\n"
+        "stages: [{kind: decode, min_side: -3}, {kind: exact_dedup, foo: 1}, {kind: nope}, {kind: nsfw, threshold: -1, batch_size: 0}]\n"
+        "ray: {num_cpus: 0}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    msg = str(err.value)
+    lines = msg.splitlines()
+    assert lines[0].endswith("7 problems:")
+    for expected in (
+        "ingest.shard_size: Input should be greater than or equal to 1",
+        "stages[0] (decode): min_side: Input should be greater than or equal to 1",
+        "stages[1] (exact_dedup): foo: Extra inputs are not permitted",
+        "stages[2]: unknown stage kind 'nope'",
+        "stages[3] (nsfw): threshold:",
+        "stages[3] (nsfw): batch_size:",
+        "ray.num_cpus: Input should be greater than or equal to 1",
+    ):
+        assert sum(expected in line for line in lines[1:]) == 1, (expected, msg)
+
+
+def test_set_addresses_fields_and_stages_by_name():
+    cfg = load_config("lvd", sets=["ingest.shard_size=500", "stages.copy_dedup.threshold=0.7", "stages.sscd.model.path=/w/sscd.pt",
+                                   "stages.nsfw.enabled=false", "ingest.url_rules.domains=[a.com, b.org]", "models.auto_fetch=true"])
+    assert cfg.ingest.shard_size == 500 and cfg.ingest.url_rules.domains == ["a.com", "b.org"]
+    by_name = {s.stage_name: s for s in cfg.stages}
+    assert by_name["copy_dedup"].threshold == 0.7
+    assert by_name["sscd"].model.path == "/w/sscd.pt"
+    assert not by_name["nsfw"].enabled and "nsfw" not in [s.stage_name for s in cfg.enabled_stages()]
+    assert cfg.models.auto_fetch
+    # an index works too, and a field absent from the file is added and validated
+    cfg = load_config("demo", sets=["stages.0.max_aspect_ratio=3", "default_seed_recipes.1.k=9"])
+    assert cfg.stages[0].max_aspect_ratio == 3 and cfg.default_seed_recipes[1].k == 9
+    # how weights are fetched does not change what a run produces
+    assert load_config("lvd", sets=["models.auto_fetch=true"]).fingerprint() == load_config("lvd").fingerprint()
+    assert load_config("lvd", sets=["stages.copy_dedup.threshold=0.7"]).fingerprint() != load_config("lvd").fingerprint()
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("ingest.shard_size", "expected KEY=VALUE"),
+        ("stages.dedupe.threshold=1", r"'dedupe' matches no entry of stages \(names: decode, exact_dedup"),
+        ("stages.embed=1", "whole list entry"),
+        ("ingest.shard_size.x=1", "ingest.shard_size is a value"),
+        ("stages.9.x=1", "index out of range"),
+        ("ingest.shard_size=-1", r"with --set ingest.shard_size=-1: ingest.shard_size: Input should be greater"),
+        ("stages.decode.min_sid=3", r"stages\[0\] \(decode\): min_sid: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_set_items_say_what_is_wrong(item, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo" if "embed" in item else "smoke", sets=[item])
+
+
+def test_set_on_a_name_shared_by_two_stages_asks_for_an_index():
+    with pytest.raises(ConfigError, match="matches several entries"):
+        load_config("smoke", sets=["stages.decode.min_side=1", "stages.1.kind=decode", "stages.decode.min_side=2"])

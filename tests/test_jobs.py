@@ -36,7 +36,8 @@ def test_entrypoint_is_curate_run_with_absolute_paths_and_the_shipped_config(inp
     pool, seeds = inputs
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs" / "r1"
-    sub = jobs.build_submission(submit_args("--pool", "pool", "--seeds", "seeds", "--exclude", "imagenet1k_val", "--out", str(out), "--config", "smoke", "--allow-missing-weights"))
+    sub = jobs.build_submission(submit_args("--pool", "pool", "--seeds", "seeds", "--exclude", "imagenet1k_val", "--out", str(out), "--config", "smoke", "--allow-missing-weights",
+                                            "--set", "stages.decode.min_side=16"))
     argv = shlex.split(sub.entrypoint)
     assert argv[:4] == ["python", "-m", "curation.cli", "run"]
     run = build_parser().parse_args(argv[3:])  # the job's command line is a valid `curate run`
@@ -45,6 +46,7 @@ def test_entrypoint_is_curate_run_with_absolute_paths_and_the_shipped_config(inp
     assert run.out == str(out)
     assert run.config == "pipeline/smoke.yaml" and sub.config_file == PROJECT_ROOT / "pipelines" / "smoke.yaml"
     assert run.allow_missing_weights is True
+    assert run.set == ["stages.decode.min_side=16"]  # overrides travel with the job (and were validated here)
 
 
 def test_runtime_env_ships_the_three_packages_without_bytecode(inputs, tmp_path):

@@ -9,17 +9,23 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import html
+import shlex
+
+import numpy as np
 import pytest
 
 from curation.cli import main
 from curation.config import PipelineConfig
+from curation.query import run_query
 from curation.report import build_report, write_report
+from curation.report.html import histogram
 from curation.runner import RunRequest, run_pipeline
 from tests.helpers import copy_images, manifest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SECTIONS = ("funnel", "duplicates", "faces", "retrieval", "clusters", "timings")
+SECTIONS = ("funnel", "sources", "scores", "sizes", "drops", "duplicates", "faces", "retrieval", "clusters", "timings")
 
 
 def section_state(page: str, sid: str) -> str:
@@ -67,7 +73,7 @@ def test_duplicate_clusters_show_the_kept_image_beside_its_dropped_copies(dedup_
     assert section_state(page, "duplicates") == "filled"
     n_dropped = manifest(dedup_run)["counts"]["dropped"]["exact_duplicate"]
     assert f"{n_dropped:,} images were dropped as copies" in dups
-    clusters = dups.split('<div class="cluster">')[1:]
+    clusters = re.split(r'<div class="cluster" data-kept-uid="\d+">', dups)[1:]
     assert clusters
     for c in clusters:
         assert c.count('class="kept"') == 1 and c.count('class="dropped"') >= 1
@@ -76,7 +82,8 @@ def test_duplicate_clusters_show_the_kept_image_beside_its_dropped_copies(dedup_
 
 def test_sections_without_data_say_why(dedup_run):
     page = build_report(dedup_run)
-    for sid, why in (("faces", "No face_blur stage ran"), ("retrieval", "No retrieve stage ran"), ("clusters", "cluster_id is empty")):
+    for sid, why in (("faces", "No face_blur stage ran"), ("retrieval", "No retrieve stage ran"), ("clusters", "cluster_id is empty"),
+                     ("scores", "No stage with a score threshold")):
         assert section_state(page, sid) == "empty"
         assert why in section_html(page, sid)
 
@@ -85,6 +92,65 @@ def test_timings_table_has_a_row_per_stage(dedup_run):
     page = build_report(dedup_run)
     timings = section_html(page, "timings")
     assert timings.count("<tr>") == 1 + len(manifest(dedup_run)["stages"])
+
+
+def follow_ups(fragment: str) -> list[tuple[str, str]]:
+    """(sql, run dir) of every `curate query` command on the page, as a shell would split it."""
+    out = []
+    for cmd in re.findall(r"<code>(curate query .*?)</code>", fragment):
+        argv = shlex.split(html.unescape(cmd))
+        out.append((argv[2], argv[4]))
+    return out
+
+
+def test_every_drop_reason_shows_examples_and_the_sql_that_lists_them_all(dedup_run):
+    page = build_report(dedup_run, samples=4)
+    drops = section_html(page, "drops")
+    counts = manifest(dedup_run)["counts"]["dropped"]
+    blocks = re.findall(r'<div class="reason" data-reason="([^"]+)"><h3>[^<]*: ([\d,]+) images</h3>(.*?)</details></div>', drops, re.S)
+    assert {reason: int(n.replace(",", "")) for reason, n, _ in blocks} == counts
+    for reason, n, block in blocks:
+        assert 1 <= block.count("<figure") <= 2  # samples // 2 examples per reason
+        ((sql, run_dir),) = follow_ups(block)
+        assert run_query(run_dir, sql).to_df().shape[0] == int(n), reason
+    assert "no image bytes" in drops  # the corrupt fixture, refused at ingest, keeps no bytes to show
+
+
+def test_clusters_beyond_the_first_page_are_paged_and_each_has_its_sql(dedup_run):
+    page = build_report(dedup_run, clusters=1)
+    dups = section_html(page, "duplicates")
+    clusters = re.findall(r'<div class="cluster" data-kept-uid="(\d+)"><h3>[^<]*: (\d+) images, 1 kept', dups)
+    assert len(clusters) >= 2
+    assert f'data-pages="{len(clusters)}"' in dups and dups.count('<div class="page" data-page=') == len(clusters)
+    for (kept, n), (sql, run_dir) in zip(clusters, follow_ups(dups)):
+        members = run_query(run_dir, sql).to_df()
+        assert len(members) == int(n) and int(kept) in set(members["uid"])
+
+
+def test_funnel_per_source_adds_up_to_the_manifest(dedup_run):
+    page = build_report(dedup_run)
+    sources = section_html(page, "sources")
+    rows = re.findall(r"<tr><td[^>]*>([^<]+)</td>((?:<td[^>]*>[^<]*</td>)+)</tr>", sources)
+    cells = [[c.replace(",", "") for c in re.findall(r">([^<]*)</td>", r)] for _, r in rows]
+    c = manifest(dedup_run)["counts"]
+    assert sum(int(r[0]) for r in cells) == c["input"] and sum(int(r[-2]) for r in cells) == c["kept"]
+    assert sources.count('class="src-bar"') == len(rows)
+
+
+def test_size_histograms_count_kept_and_dropped_images_and_mark_the_limits(dedup_run):
+    sizes = section_html(build_report(dedup_run), "sizes")
+    kept = manifest(dedup_run)["counts"]["kept"]
+    assert sizes.count(f"kept ({kept})") == 2
+    assert 'data-threshold="32"' in sizes and 'data-threshold="6"' in sizes  # min_side, max_aspect_ratio
+
+
+def test_histogram_stacks_series_per_bin_and_places_the_threshold():
+    svg = histogram("h", [("a", np.array([0.05, 0.05, 0.5]), "#000"), ("b", np.array([0.55, 2.0]), "#111")],
+                    np.linspace(0, 1, 11), "score", 0.75)
+    bars = re.findall(r"<title>(\w): (\d+) in \[([\d.]+), ", svg)
+    assert sorted(bars) == sorted([("a", "2", "0"), ("a", "1", "0.5"), ("b", "1", "0.5"), ("b", "1", "0.9")])  # 2.0 counts in the last bin
+    x = float(re.search(r'<line class="threshold" x1="([\d.]+)"', svg).group(1))
+    assert x == pytest.approx(46 + 520 * 0.75)
 
 
 def test_page_is_self_contained_and_deterministic(dedup_run):
@@ -137,7 +203,7 @@ def test_report_renders_in_headless_chromium(dedup_run, tmp_path):
     attrs = body_attrs(dom)
     assert attrs.get("data-rendered") == "ok", "the page's script did not run to the end"
     assert "data-errors" not in attrs
-    assert attrs["data-sections"] == str(len(SECTIONS)) and attrs["data-filled"] == "3"
+    assert attrs["data-sections"] == str(len(SECTIONS)) and attrs["data-filled"] == "6"
     assert attrs["data-broken-images"] == "0"
     assert_not_blank(tmp_path / "report.png")
 
@@ -151,6 +217,9 @@ FULL_PIPELINE = {
         {"kind": "exact_dedup"},
         {"kind": "phash"},
         {"kind": "phash_dedup", "radius": 0},  # radius > 0 hits a uint64 bug in dedup/binary.py (reported)
+        {"kind": "embed", "name": "pixels_descriptor", "model": {"type": "pixels", "size": 32}, "column": "pixels_descriptor", "dtype": "float32", "cpus_per_worker": 1},
+        {"kind": "copy_dedup", "descriptor": "pixels_descriptor", "threshold": 0.9},
+        {"kind": "decontaminate", "descriptor": "pixels_descriptor", "threshold": 0.8},
         {"kind": "face_blur", "batch_size": 4, "detect_max_side": 640},
         {"kind": "embed", "model": {"type": "pixels", "size": 16, "grayscale": False}, "cpus_per_worker": 1, "batch_size": 32},
         {"kind": "retrieve", "clustering": {"points_per_cluster": 6, "niter": 10}},
@@ -173,8 +242,14 @@ def full_run(shared_data, tmp_path_factory, ray_local) -> Path:
         if any(k in f.name for k in ("accordion", "pizza", "umbrella")):
             (seeds / f.name.split("_")[0]).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, seeds / f.name.split("_")[0] / f.name)
+    evals = root / "evalset"  # two pool images are also evaluation images: decontamination drops them
+    copy_images(shared_data / "pool_caltech101", evals, per_class=2, classes=["pizza"])
+    from tests.test_safety_nsfw import write_opennsfw2_weights
+
+    weights = write_opennsfw2_weights(root / "nsfw" / "open_nsfw_weights.h5")  # random weights: scores to plot
+    cfg = {**FULL_PIPELINE, "stages": [*FULL_PIPELINE["stages"][:2], {"kind": "nsfw", "weights": str(weights), "threshold": 1.5, "batch_size": 8}, *FULL_PIPELINE["stages"][2:]]}
     out = root / "run"
-    run_pipeline(RunRequest(pools=[str(pool)], seeds=[str(seeds)], out=out, config=PipelineConfig.model_validate(FULL_PIPELINE)))
+    run_pipeline(RunRequest(pools=[str(pool)], seeds=[str(seeds)], excludes=[str(evals)], out=out, config=PipelineConfig.model_validate(cfg)))
     return out
 
 
@@ -187,6 +262,15 @@ def test_every_section_is_filled_from_a_full_run_and_renders(full_run, tmp_path)
     retrieval = section_html(page, "retrieval")
     assert "imagenet_seeds:" in retrieval and 'class="seed"' in retrieval and 'class="retrieved"' in retrieval
     assert "<svg" in section_html(page, "clusters")
+    scores = section_html(page, "scores")
+    charts = {sid: t for t, sid in re.findall(r'<div class="chart-box" data-threshold="([^"]*)"><svg class="chart hist" id="hist-(\w+)"', scores)}
+    assert charts == {"nsfw": "1.5", "phash_dedup": "0.5", "copy_dedup": "0.9", "decontaminate": "0.8", "face_blur": "0.9"}
+    m = manifest(full_run)
+    nsfw_in = next(s["in"] for s in m["stages"] if s["stage"] == "nsfw")
+    assert f"kept ({nsfw_in - 2})" in scores  # every image that reached nsfw is plotted, but the 2 evaluation images, never scored
+    assert "dropped: similarity recorded with the drop (2)" in scores  # the two evaluation images in the pool
+    paged = build_report(full_run, samples=1)  # one blurred image per page
+    assert 'id="faces-pager"' in section_html(paged, "faces")
     if CHROMIUM is None:
         pytest.skip("chromium not installed: HTML checked, rendering not")
     dom = render(html_file, tmp_path, tmp_path / "report.png")
@@ -194,6 +278,8 @@ def test_every_section_is_filled_from_a_full_run_and_renders(full_run, tmp_path)
     assert attrs.get("data-rendered") == "ok" and "data-errors" not in attrs
     assert attrs["data-filled"] == str(len(SECTIONS)) and attrs["data-broken-images"] == "0"
     assert_not_blank(tmp_path / "report.png")
+    if os.environ.get("CURATION_REPORT_SCREENSHOT"):  # to look at it
+        shutil.copyfile(tmp_path / "report.png", os.environ["CURATION_REPORT_SCREENSHOT"])
     if os.environ.get("CURATION_UPDATE_DOCS") == "1":  # refresh the example screenshot in docs/
         from PIL import Image
 

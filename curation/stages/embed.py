@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from curation import schema
 from curation.imaging import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 from curation.devices import torch_device_name, wants_gpu
-from curation.stage import MapStage, Resources, StageConfig, StageError
+from curation.stage import MapStage, OptionalWeights, Resources, StageConfig, StageError
 from embedders import DEFAULT_RETRIEVAL_MODEL, EmbedderUnavailable, build_embedder, check_available, output_dim, parse_spec
 from embedders.registry import PixelsSpec, SscdSpec, TimmSpec
 
@@ -45,8 +45,13 @@ class EmbedConfig(StageConfig):
     def _default_type(cls, v):
         return parse_spec(v) if isinstance(v, dict) else v
 
+    def model_needs(self) -> list:
+        from curation.models import embedder_needs
 
-class EmbedStage(MapStage):
+        return embedder_needs(self.stage_name, self.model)
+
+
+class EmbedStage(OptionalWeights, MapStage):
     kind = "embed"
     Config = EmbedConfig
     roles = schema.ROLES
@@ -56,6 +61,7 @@ class EmbedStage(MapStage):
         self._dim: int | None = None
         self.embedder = None
         self._pool: ThreadPoolExecutor | None = None
+        self._not_applied: str | None = None  # why this worker runs NOT applied (--allow-missing-weights)
 
     # -- contract -------------------------------------------------------------------------
     def input_columns(self):
@@ -83,24 +89,45 @@ class EmbedStage(MapStage):
         workers = max(1, int(self.context.cluster_cpus // cpus))
         return Resources(num_cpus=cpus, concurrency=(1, workers), batch_size=cfg.rows_per_call)
 
-    def preflight(self) -> list[str]:
+    def weights_problem(self) -> str | None:
         try:
             check_available(self.config.model)
+        except EmbedderUnavailable as e:
+            return str(e)
+        return None
+
+    def not_applied_what(self) -> str:
+        return f"embedding stage {self.name!r} (column {self.config.column!r})"
+
+    def missing_weights_help(self, problem: str) -> str:
+        return (
+            f"stage {self.name}: {problem}. `curate models list` shows every missing file and `curate models fetch` "
+            "installs them; --allow-missing-weights runs this stage NOT applied (its column stays empty)."
+        )
+
+    def preflight(self) -> list[str]:
+        warnings = self.weights_preflight()
+        try:
             self.dim  # noqa: B018 - resolves the architecture (bad names fail here, not on workers)
         except EmbedderUnavailable as e:
-            raise StageError(f"stage {self.name}: {e}") from None
+            raise StageError(f"stage {self.name}: {e}" + ("; it cannot run NOT applied either: its output size comes from that file" if warnings else "")) from None
         except RuntimeError as e:  # timm: unknown model name
             raise StageError(f"stage {self.name}: cannot build model {self.config.model.model_dump()}: {e}") from None
-        return []
+        return warnings
 
     def manifest_section(self) -> dict:
-        return {"model": self.config.model.model_dump(), "column": self.config.column, "dim": self.dim, "dtype": self.config.dtype}
+        facts = {"model": self.config.model.model_dump(), "column": self.config.column, "dim": self.dim, "dtype": self.config.dtype}
+        return {**(self.not_applied_section() or {}), **facts}
 
     # -- work -----------------------------------------------------------------------------
     def setup(self) -> None:
         import torch
 
         cfg = self.config
+        if self.context.allow_missing_weights:
+            self._not_applied = self.weights_problem()
+            if self._not_applied is not None:
+                return  # every row gets a null embedding; the manifest says NOT applied
         threads = cfg.decode_threads or max(1, int(self.resources().num_cpus))
         if torch_device_name() == "cpu":
             torch.set_num_threads(threads)  # one worker's share; Ray runs several side by side
@@ -121,8 +148,11 @@ class EmbedStage(MapStage):
             return e
 
     def process(self, batch: pa.Table) -> pa.Table:
-        if self.embedder is None:
+        if self.embedder is None and self._not_applied is None:
             self.setup()
+        if self._not_applied is not None:
+            n = batch.num_rows
+            return pa.table({self.config.column: pa.nulls(n, self.arrow_type), schema.DROP_REASON: pa.nulls(n, pa.string()), schema.DROP_DETAILS: pa.nulls(n, pa.string())})
         blobs = batch.column(schema.BYTES).to_pylist()
         n, bs = len(blobs), self.config.batch_size
         starts = list(range(0, n, bs))

@@ -40,6 +40,11 @@ class Config(StageConfig):
         "missed, so blurred images are checked again; an image with a face left after the last round is dropped (faces_remain)",
     )
 
+    def model_needs(self) -> list:
+        from curation.models import bundled_need
+
+        return [bundled_need(self.stage_name, "facenet_pytorch", "MTCNN face detector", ("data/pnet.pt", "data/rnet.pt", "data/onet.pt"))]
+
 
 class FaceBlurStage(MapStage):
     kind = "face_blur"

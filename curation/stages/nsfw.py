@@ -22,7 +22,7 @@ from curation import schema
 from curation.imaging import DecodeError, decode_rgb
 from curation.devices import torch_device_name, wants_gpu
 from curation.safety.nsfw import NsfwBackend, available_backends, backend_class
-from curation.stage import MapStage, Resources, StageConfig, StageError
+from curation.stage import MapStage, OptionalWeights, Resources, StageConfig, StageError
 
 NSFW_SCORE = "nsfw_score"
 NSFW_REASON = "nsfw"
@@ -44,8 +44,13 @@ class Config(StageConfig):
             raise ValueError(f"unknown NSFW backend {v!r}; available: {', '.join(available_backends())}")
         return v
 
+    def model_needs(self) -> list:
+        from curation.models import nsfw_need
 
-class NsfwStage(MapStage):
+        return [nsfw_need(self.stage_name, backend_class(self.backend), self.weights)]
+
+
+class NsfwStage(OptionalWeights, MapStage):
     kind = "nsfw"
     Config = Config
     roles = (schema.POOL, schema.SEED)
@@ -56,14 +61,15 @@ class NsfwStage(MapStage):
 
     @property
     def weights_path(self) -> Path:
-        w = self.config.weights
-        return Path(w).expanduser() if w is not None else self.backend_cls.default_weights_path()
+        from curation.models import nsfw_weights_path
+
+        return nsfw_weights_path(self.backend_cls, self.config.weights)
 
     def weights_problem(self) -> str | None:
         return self.backend_cls.weights_problem(self.weights_path)
 
-    def not_applied_warning(self, problem: str) -> str:
-        return f"NSFW filtering was NOT applied: {problem} (the run was started with --allow-missing-weights)"
+    def not_applied_what(self) -> str:
+        return "NSFW filtering"
 
     # -- contract -----------------------------------------------------------------------------
     def input_columns(self) -> tuple[str, ...]:
@@ -78,17 +84,12 @@ class NsfwStage(MapStage):
         return Resources(num_cpus=1.0, num_gpus=1.0 if gpu else 0.0, concurrency=(1, workers), batch_size=self.config.batch_size)
 
     def preflight(self) -> list[str]:
-        problem = self.weights_problem()
-        if problem is None:
-            return []
-        if self.context.allow_missing_weights:
-            return [self.not_applied_warning(problem)]
-        raise StageError(self._missing_weights_help(problem))
+        return self.weights_preflight()
 
     def manifest_section(self) -> dict[str, Any]:
-        problem = self.weights_problem()
-        if problem is not None and self.context.allow_missing_weights:
-            return {"applied": False, "warning": self.not_applied_warning(problem)}
+        not_applied = self.not_applied_section()
+        if not_applied is not None:
+            return not_applied
         return {
             "applied": True,
             "backend": self.config.backend,
@@ -103,7 +104,7 @@ class NsfwStage(MapStage):
         if problem is not None:
             if self.context.allow_missing_weights:
                 return  # rows pass unscored; the manifest says so
-            raise StageError(self._missing_weights_help(problem))
+            raise StageError(self.missing_weights_help(problem))
         self._backend = self.backend_cls(self.weights_path, torch_device_name())
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -145,11 +146,14 @@ class NsfwStage(MapStage):
                     reasons[i] = NSFW_REASON
                     details[i] = json.dumps({"score": round(score, 6), "threshold": threshold}, sort_keys=True)
 
-    def _missing_weights_help(self, problem: str) -> str:
+    def missing_weights_help(self, problem: str) -> str:
+        from curation.models import cache_dir
+
         cls = self.backend_cls
+        fetch = f"run `curate models fetch {cls.name} --trust-on-first-use` (installs into {cache_dir()}), or " if self.config.weights is None else ""
         return (
-            f"stage {self.name!r} ({cls.name}): {problem}. To fix: {cls.download_hint()} and put it at "
-            f"{cls.default_weights_path()}, or set `weights: /path/to/file` in this stage's entry of the "
+            f"stage {self.name!r} ({cls.name}): {problem}. To fix: {fetch}{cls.download_hint()} and put it at "
+            f"{self.weights_path} (or {cls.default_weights_path()}), or set `weights: /path/to/file` in this stage's entry of the "
             f"pipeline YAML. To run without NSFW filtering, set `enabled: false` on the stage or pass "
             f"--allow-missing-weights (the manifest will then say NSFW filtering was NOT applied)."
         )
