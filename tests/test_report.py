@@ -286,3 +286,35 @@ def test_every_section_is_filled_from_a_full_run_and_renders(full_run, tmp_path)
         img = Image.open(tmp_path / "report.png").convert("RGB")
         img = img.resize((700, 1500))
         img.quantize(colors=128).save(PROJECT_ROOT / "docs" / "report-example.png", optimize=True)
+
+
+def test_chained_groups_are_flagged_and_shown_first():
+    """A components group whose copies fail the stage's own test against the kept image (the
+    chaining that ``grouping: star`` prevents) is flagged; a star group is not."""
+    import json as _json
+
+    import pyarrow as pa
+
+    from curation.report.sections import duplicates_section
+
+    def drop(uid, kept, sim, stage):
+        return {"uid": uid, "stage": stage, "reason": "near_duplicate", "source_key": f"k{uid}",
+                "details": _json.dumps({"kept_uid": kept, "kept_source_key": f"k{kept}", "similarity": sim})}
+
+    rows = [drop(2, 1, 0.97, "copy_dedup"), drop(3, 1, 0.82, "copy_dedup"), drop(12, 11, 0.99, "copy_dedup"), drop(13, 11, 0.96, "copy_dedup"), drop(14, 11, 0.98, "copy_dedup")]
+
+    class Run:
+        run_dir = Path("/nonexistent")
+        stage_configs = [{"name": "copy_dedup", "kind": "copy_dedup", "threshold": 0.95, "grouping": "components"}]
+
+        def drops(self, columns):
+            return pa.Table.from_pylist(rows).select(columns)
+
+    class Images:
+        def get(self, uids):
+            return {}
+
+    html = duplicates_section(Run(), Images(), clusters=6, per_cluster=6)
+    assert html.count('class="cluster chained"') == 1 and "1 clusters are chained" in html
+    assert html.index('data-kept-uid="1"') < html.index('data-kept-uid="11"')  # chained first, though smaller
+    assert "1 of 2 dropped images fail copy_dedup" in html and "similarity 0.82 to the kept image" in html

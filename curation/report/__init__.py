@@ -37,7 +37,7 @@ section{background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:8px 1
 .gallery{display:flex;flex-wrap:wrap;gap:8px}.gallery.row{border-top:1px dashed #ddd;padding-top:6px;margin-top:6px}
 figure{margin:0;width:170px;text-align:center;font-size:11px;color:#444;overflow-wrap:anywhere}
 figure img{max-width:160px;max-height:160px;border:3px solid #ccc;cursor:zoom-in}
-figure.kept img,figure.retrieved img{border-color:#6a994e}figure.dropped img{border-color:#d1495b}figure.seed img{border-color:#30638e}
+figure.kept img,figure.retrieved img{border-color:#6a994e}figure.dropped img{border-color:#d1495b}figure.failing img{border-style:dashed}figure.seed img{border-color:#30638e}
 figure img.zoom{max-width:none;max-height:none;width:320px}
 .noimg{width:150px;height:100px;display:flex;align-items:center;justify-content:center;background:#eee;color:#999}
 table{border-collapse:collapse;margin-top:8px}td,th{border:1px solid #ddd;padding:3px 8px}td.num{text-align:right;font-variant-numeric:tabular-nums}

@@ -50,6 +50,17 @@ def funnel_section(run: RunData) -> str:
 DUPLICATE_SCORES = ("similarity", "hamming_distance")
 
 
+def fails_own_test(stage_cfg: dict, member: dict) -> bool:
+    """Whether a drop's recorded score (to the image kept in its place) fails its stage's own
+    test: the sign of a chained group (``grouping: components`` links unlike images through
+    look-alikes; ``star`` never records such a drop)."""
+    if "similarity" in member and "threshold" in stage_cfg:
+        return not member["similarity"] > stage_cfg["threshold"]
+    if "hamming_distance" in member and "radius" in stage_cfg:
+        return member["hamming_distance"] > stage_cfg["radius"]
+    return False
+
+
 def cluster_sql(stage: str, kept_uid: int) -> str:
     """Every member of one duplicate cluster: the kept image and the copies it stands for."""
     return (
@@ -69,7 +80,10 @@ def duplicates_section(run: RunData, images: Images, clusters: int, per_cluster:
     for row in t.to_pylist():
         d = json.loads(row["details"])
         groups[(row["stage"], int(d["kept_uid"]))].append({**row, **d})
-    order = sorted(groups, key=lambda k: (-len(groups[k]), k[0], k[1]))
+    configs = {c["name"]: c for c in run.stage_configs}
+    chained = {k for k, members in groups.items() if any(fails_own_test(configs.get(k[0], {}), m) for m in members)}
+    # Chained groups first (what a reviewer must see), then the largest.
+    order = sorted(groups, key=lambda k: (k not in chained, -len(groups[k]), k[0], k[1]))
     shown = order[: clusters * pages]
     need = [k[1] for k in shown] + [r[schema.UID] for k in shown for r in sorted(groups[k], key=lambda r: r[schema.UID])[:per_cluster]]
     data = images.get(need)
@@ -78,16 +92,32 @@ def duplicates_section(run: RunData, images: Images, clusters: int, per_cluster:
         members = sorted(groups[(stage, kept_uid)], key=lambda r: r[schema.UID])
         first = members[0]
         figs = [figure(data.get(kept_uid), f"kept<br>{esc(short_key(first.get('kept_source_key', kept_uid)))}", "kept")]
+        cfg = configs.get(stage, {})
+        members = sorted(members, key=lambda r: (not fails_own_test(cfg, r), r[schema.UID]))  # failing copies first
         for r in members[:per_cluster]:
-            score = next((f"{name.replace('_', ' ')} {r[name]}" for name in DUPLICATE_SCORES if name in r), "identical bytes")
-            figs.append(figure(data.get(r[schema.UID]), f"dropped: {esc(r['reason'])}<br>{esc(score)}<br>{esc(short_key(r[schema.SOURCE_KEY]))}", "dropped"))
+            score = next((f"{name.replace('_', ' ')} {r[name]} to the kept image" for name in DUPLICATE_SCORES if name in r), "identical bytes")
+            bad = fails_own_test(cfg, r)
+            note = "<br><b>fails the stage's test</b>" if bad else ""
+            figs.append(figure(data.get(r[schema.UID]), f"dropped: {esc(r['reason'])}<br>{esc(score)}{note}<br>{esc(short_key(r[schema.SOURCE_KEY]))}", "dropped failing" if bad else "dropped"))
         more = f'<p class="more">+ {len(members) - per_cluster} more copies</p>' if len(members) > per_cluster else ""
+        failing = sum(fails_own_test(cfg, r) for r in members)
+        flag = (
+            f'<p class="warn chained">Chained group: {failing} of {len(members)} dropped images fail {esc(stage)}\'s own test '
+            f"against the kept image (grouping: {esc(cfg.get('grouping', 'components'))}; `grouping: star` drops only direct copies).</p>"
+            if failing else ""
+        )
         blocks.append(
-            f'<div class="cluster" data-kept-uid="{kept_uid}"><h3>{esc(stage)}: {len(members) + 1} images, 1 kept (uid {kept_uid})</h3>'
-            f'<div class="gallery">{"".join(figs)}</div>{more}{follow_up(cluster_sql(stage, kept_uid), run.run_dir, "all members of this cluster (SQL)")}</div>'
+            f'<div class="cluster{" chained" if failing else ""}" data-kept-uid="{kept_uid}"><h3>{esc(stage)}: {len(members) + 1} images, 1 kept (uid {kept_uid})</h3>'
+            f'{flag}<div class="gallery">{"".join(figs)}</div>{more}{follow_up(cluster_sql(stage, kept_uid), run.run_dir, "all members of this cluster (SQL)")}</div>'
         )
     total = sum(len(v) for v in groups.values())
     head = f"<p>{total:,} images were dropped as copies, in {len(groups):,} clusters; the {len(shown)} largest are shown, {clusters} per page.</p>"
+    if chained:
+        head += (
+            f'<p class="warn">{len(chained):,} clusters are chained: some of their dropped images fail their stage\'s own '
+            "test against the image kept in their place (shown first). Connected components link unlike images through "
+            "look-alikes; set <code>grouping: star</code> on the stage to drop only direct copies.</p>"
+        )
     rest = ""
     if len(order) > len(shown):
         sql = (
