@@ -173,8 +173,13 @@ def test_threshold_is_inclusive_and_above_one_drops_nothing(tmp_path, weights_di
 
     cut = float(np.median(scores))
     stage.config = Config(weights=weights_dir["random"], threshold=cut)
-    reasons = stage.process(batch_of(images)).column(schema.DROP_REASON).to_pylist()
-    assert reasons == ["nsfw" if s >= cut else None for s in scores]
+    judged = stage.process(batch_of(images))
+    # Scores can move by one float32 ulp between batchings, so the drop is
+    # checked against the scores of this very pass.
+    again = judged.column(NSFW_SCORE).to_numpy()
+    reasons = judged.column(schema.DROP_REASON).to_pylist()
+    assert reasons == ["nsfw" if s >= cut else None for s in again]
+    assert reasons.count("nsfw") >= 1
 
 
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
