@@ -365,32 +365,42 @@ def main() -> None:
     if args.drive is not None:
         print(json.dumps(drive(args.drive, args.seed, args.address, args.stages)))
         return
-    sizes = args.sizes or ([20_000, 40_000] if args.quick else [500_000, 1_000_000, 2_000_000, 4_000_000])
+    sizes = args.sizes or ([20_000, 40_000] if args.quick else [500_000, 4_000_000, 1_000_000, 2_000_000])
     if args.quick:
         args.shard_rows = min(args.shard_rows, 5_000)
     args.work.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for n in sizes:
+    report = {"benchmark": "scale", "cpus": os.cpu_count(), "dim": DIM, "stage_configs": STAGES, "shard_rows": args.shard_rows, "runs": []}
+    # Sizes run smallest, largest, then the middle ones, and the report is rewritten after
+    # each, so an interrupted benchmark still leaves the two ends the scaling figures need.
+    for i, n in enumerate(sizes):
         t0 = time.perf_counter()
-        runs.append(run_one(args, n))
+        report["runs"] = sorted([*report["runs"], run_one(args, n)], key=lambda r: r["n"])
         print(f"N={n}: {time.perf_counter() - t0:.0f} s", flush=True)
-    report = {"benchmark": "scale", "cpus": os.cpu_count(), "dim": DIM, "stage_configs": STAGES, "shard_rows": args.shard_rows, "runs": runs}
+        if i == 0 and args.two_node:
+            report["two_node"] = two_node_report(args, report["runs"][0])
+        summarise(report, args)
+        write_result("scale", report, quick=args.quick)
+
+
+def two_node_report(args, one_node: dict) -> dict:
+    t0 = time.perf_counter()
+    cluster_run = two_node(args, one_node["n"])
+    same = {k: cluster_run["stages"][k]["drops_digest"] == one_node["stages"][k]["drops_digest"] for k in args.stages}
+    nodes = {k: [(s["step"], s["nodes"]) for s in cluster_run["stages"][k]["steps"]] for k in args.stages}
+    print("two-node cluster: identical drops per stage:", same)
+    print("nodes per stage:", {k: cluster_run["stages"][k]["nodes"] for k in args.stages})
+    return {"n": one_node["n"], "identical_to_one_node": same, "step_nodes": nodes, "run": cluster_run,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def summarise(report: dict, args) -> None:
+    runs = report["runs"]
     print_table(runs, args.stages)
     if len(runs) >= 2:
         report["scaling"] = scaling(runs, args.stages)
         print(json.dumps(report["scaling"], indent=1))
     report["projection_1_2_billion"] = projection(runs[-1], args.stages)
     print(json.dumps(report["projection_1_2_billion"], indent=1))
-    if args.two_node:
-        t0 = time.perf_counter()
-        cluster_run = two_node(args, sizes[0])
-        same = {k: cluster_run["stages"][k]["drops_digest"] == runs[0]["stages"][k]["drops_digest"] for k in args.stages}
-        nodes = {k: [(s["step"], s["nodes"]) for s in cluster_run["stages"][k]["steps"]] for k in args.stages}
-        report["two_node"] = {"n": sizes[0], "identical_to_one_node": same, "step_nodes": nodes, "run": cluster_run,
-                              "seconds": round(time.perf_counter() - t0, 1)}
-        print("two-node cluster: identical drops per stage:", same)
-        print("nodes per stage:", {k: cluster_run["stages"][k]["nodes"] for k in args.stages})
-    write_result("scale", report, quick=args.quick)
 
 
 if __name__ == "__main__":
