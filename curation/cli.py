@@ -20,6 +20,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/latest", help="run directory (default: runs/latest)")
     p.add_argument("--config", default=None, help="pipeline YAML or a name in pipelines/ (default: lvd)")
     p.add_argument("--allow-missing-weights", action="store_true", help="run stages whose model weights are missing as NOT applied, reported loudly")
+    p.add_argument(
+        "--replan", action="store_true",
+        help="if the inputs changed since the run was planned, discard the run's outputs and plan again "
+        "from the inputs as they are now (otherwise such a re-run is refused); with unchanged inputs it resumes",
+    )
 
 
 def cmd_run(args) -> int:
@@ -36,6 +41,7 @@ def cmd_run(args) -> int:
         config=cfg,
         address=args.address,
         resume=args.resume,
+        replan=args.replan,
         allow_missing_weights=args.allow_missing_weights,
     )
     manifest = run_pipeline(req)
@@ -64,13 +70,14 @@ def cmd_status(args) -> int:
         return 0
     if not args.run:
         raise SystemExit("curate status: give --run DIR or a JOB id with --address")
+    from curation.run_state import describe, run_state
+
     run = Path(args.run)
-    status_path = run / "status.json"
-    if not status_path.exists():
+    state = run_state(run)
+    if state["status"] is None and state["holder"] is None:
         raise SystemExit(f"{run} has no status.json: not a run directory, or the run has not started")
-    status = json.loads(status_path.read_text())
-    print(f"state: {status['state']}  updated: {status['updated']}")
-    for s in status["stats"]:
+    print("\n".join(describe(state)))
+    for s in (state["status"] or {}).get("stats", []):
         print(f"  {s['stage']:<20} in {s.get('in', 0):>8}  out {s.get('out', 0):>8}  dropped {sum(s.get('dropped', {}).values()):>6}")
     manifest = run / "manifest.json"
     if manifest.exists():
@@ -101,6 +108,13 @@ def cmd_demo(args) -> int:
     from curation.demo import run_demo
 
     return run_demo(Path(args.out), keep_server=False)
+
+
+def cmd_report(args) -> int:
+    from curation.report import write_report
+
+    print(write_report(Path(args.run), Path(args.out) if args.out else None, samples=args.samples))
+    return 0
 
 
 def cmd_submit(args) -> int:
@@ -179,27 +193,34 @@ def build_parser() -> argparse.ArgumentParser:
         add_subcommands = None
     if add_subcommands is not None:
         add_subcommands(sub)
-    try:
-        from curation.report import add_subcommands as add_report
-    except ImportError:
-        add_report = None
-    if add_report is not None:
-        add_report(sub)
+    p = sub.add_parser("report", help="write a self-contained HTML report of a finished run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", default=None, help="HTML file to write (default: RUN/report.html)")
+    p.add_argument("--samples", type=int, default=12, help="images shown per gallery (default: 12)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_errors() -> tuple[type, ...]:
+    """Errors whose message is the whole story (no traceback). An ``IngestError`` can only have
+    been raised if the ingest package was loaded, so a refused ``curate run`` does not load it."""
     from curation.config import ConfigError
-    from curation.ingest.plan import IngestError
     from curation.runner import RunError
     from curation.stage import StageError
 
+    ingest = sys.modules.get("curation.ingest.errors")
+    return (ConfigError, RunError, StageError, FileNotFoundError, *([ingest.IngestError] if ingest else []))
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, RunError, StageError, IngestError, FileNotFoundError) as e:
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         print(f"curate: error: {e}", file=sys.stderr)
         return 2
 

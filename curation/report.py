@@ -389,17 +389,3 @@ def write_report(run_dir: Path, out: Path | None = None, samples: int = 12) -> P
     tmp.write_text(build_report(Path(run_dir), samples=samples), encoding="utf-8")
     tmp.replace(out)
     return out
-
-
-def cmd_report(args) -> int:
-    path = write_report(Path(args.run), Path(args.out) if args.out else None, samples=args.samples)
-    print(path)
-    return 0
-
-
-def add_subcommands(subparsers) -> None:
-    p = subparsers.add_parser("report", help="write a self-contained HTML report of a finished run")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--out", default=None, help="HTML file to write (default: RUN/report.html)")
-    p.add_argument("--samples", type=int, default=12, help="images shown per gallery (default: 12)")
-    p.set_defaults(func=cmd_report)
