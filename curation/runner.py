@@ -176,6 +176,13 @@ class Runner:
         for p in self.req.pools:
             if not Path(p).exists():
                 raise RunRefused(f"pool path {p} does not exist")
+        for source in [*self.req.pools, *(s.path for s in self.seeds), *(e.path for e in self.excludes)]:
+            root = Path(source).resolve()
+            if root.is_dir() and self.store.run_dir.is_relative_to(root):
+                raise RunRefused(
+                    f"the run directory {self.store.run_dir} is inside the input folder {root}: the run's own "
+                    "files would become inputs (and change on every start). Choose an --out outside it."
+                )
         self._build_stages(preflight=True)
         self._check_resume()
         self.current = "plan"

@@ -83,6 +83,13 @@ def test_an_empty_pool_is_refused_and_says_so(tmp_path, ray_local, capsys):
     assert "state: refused" in status_text(tmp_path / "run", capsys)
 
 
+def test_a_run_directory_inside_its_pool_is_refused(tmp_path):
+    pool = make_pool(tmp_path / "pool", n=2)
+    with pytest.raises(RunError, match="is inside the input folder"):
+        run(pool, pool / "run")
+    assert status(pool / "run")["state"] == "refused"
+
+
 def test_a_changed_configuration_is_refused_and_the_finished_run_is_still_described(finished_copy, capsys):
     pool, out = finished_copy
     changed = load_config("smoke", overrides={**SMALL, "stages": [{"kind": "decode", "min_side": 100}]})
