@@ -46,6 +46,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fetch-weights", action="store_true", help="download missing weights into the cache first, when the network is reachable")
     p.add_argument("--trust-on-first-use", action="store_true", help="with --fetch-weights: accept weights whose upstream publishes no checksum")
+    p.add_argument(
+        "--replan", action="store_true",
+        help="if the inputs changed since the run was planned, discard the run's outputs and plan again "
+        "from the inputs as they are now (otherwise such a re-run is refused); with unchanged inputs it resumes",
+    )
 
 
 def cmd_run(args) -> int:
@@ -72,6 +77,7 @@ def cmd_run(args) -> int:
         config=cfg,
         address=args.address,
         resume=args.resume,
+        replan=args.replan,
         allow_missing_weights=args.allow_missing_weights,
     )
     manifest = run_pipeline(req)
@@ -106,13 +112,14 @@ def cmd_status(args) -> int:
         return EXIT_OK
     if not args.run:
         raise UsageError("curate status: give --run DIR or a JOB id with --address")
+    from curation.run_state import describe, run_state
+
     run = Path(args.run)
-    status_path = run / "status.json"
-    if not status_path.exists():
+    state = run_state(run)
+    if state["status"] is None and state["holder"] is None:
         raise UsageError(f"{run} has no status.json: not a run directory, or the run has not started")
-    status = json.loads(status_path.read_text())
-    print(f"state: {status['state']}  updated: {status['updated']}")
-    for s in status["stats"]:
+    print("\n".join(describe(state)))
+    for s in (state["status"] or {}).get("stats", []):
         print(f"  {s['stage']:<20} in {s.get('in', 0):>8}  out {s.get('out', 0):>8}  dropped {sum(s.get('dropped', {}).values()):>6}")
     manifest = run / "manifest.json"
     if manifest.exists():
@@ -286,13 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def refusals() -> tuple[type[BaseException], ...]:
-    """Errors that mean "refused before any work" (exit code 2); they print as one line."""
+    """Errors that mean "refused before any work" (exit code 2); they print as one line. An
+    ``IngestError`` can only have been raised if the ingest package was loaded, so a refused
+    ``curate run`` does not load it (the run lock is taken before the heavy imports)."""
     from curation.config import ConfigError
-    from curation.ingest.plan import IngestError
     from curation.models import WeightsError
-    from curation.runner import RunError  # the runner raises it only to refuse a run (inputs, resume)
+    from curation.runner import RunError  # the runner raises it only to refuse a run (inputs, lock, resume)
 
-    return (UsageError, ConfigError, IngestError, WeightsError, RunError, FileNotFoundError)
+    ingest = sys.modules.get("curation.ingest.errors")
+    return (UsageError, ConfigError, WeightsError, RunError, FileNotFoundError, *([ingest.IngestError] if ingest else []))
 
 
 def main(argv: list[str] | None = None) -> int:

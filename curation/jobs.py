@@ -104,7 +104,7 @@ def build_submission(args) -> Submission:
     argv += ["--out", out, "--config", f"{CONFIG_DIR}/{config_file.name}"]
     for item in sets:
         argv += ["--set", item]
-    for flag in ("allow_missing_weights", "fetch_weights", "trust_on_first_use"):
+    for flag in ("allow_missing_weights", "fetch_weights", "trust_on_first_use", "replan"):
         if getattr(args, flag, False):
             argv.append("--" + flag.replace("_", "-"))
     fingerprint = cfg.fingerprint()
@@ -246,13 +246,18 @@ def job_status(job_id: str, address: str) -> dict:
         "metadata": info.metadata or {},
     }
     run_dir = (info.metadata or {}).get(f"{METADATA_PREFIX}run_dir")
-    status_file = Path(run_dir) / "status.json" if run_dir else None
-    if status_file is not None and status_file.is_file():
-        run = json.loads(status_file.read_text())
+    if run_dir and (Path(run_dir) / "status.json").is_file():
+        from curation.run_state import run_state
+
+        state = run_state(run_dir)
+        run = state["status"]
         out["run"] = {
-            "state": run.get("state"),
+            "state": state["state"],  # "interrupted" when status.json says running but its holder is gone
             "updated": run.get("updated"),
+            "stage": run.get("stage"),
             "stages_done": run.get("stages_done", []),
+            **({"error": run["error"]} if run.get("error") else {}),
+            "held_by": state["holder"] if state["in_progress"] else None,
         }
     return out
 

@@ -5,6 +5,13 @@ plan (``curation.planning``), hands every stage to the executor (``curation.exec
 order, and writes the status and the manifest. The work itself is done by pure shard operations
 (``curation.shard_ops``) and the global stages' two execution forms (``curation.global_ops``,
 ``curation.partitioned``), which the executor schedules on Ray.
+
+A run holds the run directory's lock (``curation.runlock``) from before its first write to its
+end, so a second run on the same directory is refused at once. ``status.json`` says how the last
+attempt ended: ``running`` (with the stage in progress), ``finished``, ``failed`` (the stage and
+the error) or ``refused`` (a check said no before any stage ran: a changed configuration or
+inputs, an empty pool, missing weights; the previous state is kept beside it). A refusal because
+another run holds the lock writes nothing: the directory's status belongs to that run.
 """
 
 from __future__ import annotations
@@ -18,18 +25,25 @@ from pathlib import Path
 
 from curation import schema
 from curation.catalog import ResolvedSet, resolve_excludes, resolve_seeds
-from curation.config import PipelineConfig
-from curation.executor import RayExecutor, init_ray
-from curation.planning import load_or_make_plan, source_specs
-from curation.shard_ops import StageSpec
-from curation.stage import GlobalStage, Stage, StageContext, stage_class
+from curation.config import ConfigError, PipelineConfig
+from curation.run_state import error_fields
+from curation.runlock import RunLock, RunLocked, RunLockError
+from curation.stage import GlobalStage, Stage, StageContext, StageError, stage_class
 from curation.store import GLOBAL, INGEST, MAP, RunStore, StageRecord, read_json, write_json_atomic
+
+# The executor, the planner and the shard operations (Ray Data, pyarrow.dataset, the ingest
+# readers) are imported once the lock is held: a second run on a busy directory is refused
+# without paying for them.
 
 log = logging.getLogger("curation")
 
 
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+class RunRefused(RunError):
+    """A check refused the run before any stage ran (the directory's outputs are untouched)."""
 
 
 @dataclass
@@ -41,6 +55,7 @@ class RunRequest:
     excludes: list[str] = field(default_factory=list)
     address: str | None = None
     resume: bool = False
+    replan: bool = False  # inputs changed since the plan: discard this run's outputs and plan again
     allow_missing_weights: bool = False
     progress: bool = True  # Ray Data's console progress bars
 
@@ -55,11 +70,11 @@ class Runner:
         self.store = RunStore(req.out)
         self.seeds: list[ResolvedSet] = resolve_seeds(req.seeds, self.cfg)
         self.excludes: list[ResolvedSet] = resolve_excludes(req.excludes, self.cfg)
-        for p in req.pools:
-            if not Path(p).exists():
-                raise RunError(f"pool path {p} does not exist")
         self.stage_stats: list[dict] = []
         self.warnings: list[str] = []
+        self.history: list[StageRecord] = []
+        self.current: str | None = None  # what the run is doing: a stage name, "plan", "manifest"
+        self.found_status: dict | None = None  # status.json as this attempt found it
 
     # -- identity -----------------------------------------------------------------------------
     def inputs(self) -> dict:
@@ -115,18 +130,78 @@ class Runner:
 
     # -- main ---------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Lock the run directory, check, plan and execute; status.json tells how it ended."""
+        lock = self._lock()
+        try:
+            return self._run_locked()
+        finally:
+            lock.release()
+
+    def _lock(self) -> RunLock:
+        try:
+            lock = RunLock(self.store.run_dir).acquire()
+        except RunLocked as e:  # status.json is the holder's: nothing is written
+            raise RunRefused(str(e)) from e
+        except RunLockError as e:
+            raise RunError(str(e)) from e
+        if lock.took_over is not None:
+            gone = {False: ", which is gone", None: " (on another host)"}.get(lock.took_over.alive(), "")
+            log.warning("took over %s from a run that stopped without finishing: %s%s; resuming", self.store.run_dir, lock.took_over.describe(), gone)
+        return lock
+
+    def _run_locked(self) -> dict:
+        from curation.ingest.errors import IngestError  # the ingest package imports its readers
+
         t_start = time.perf_counter()
-        self.store.run_dir.mkdir(parents=True, exist_ok=True)
-        # Stages are built and checked before anything is written or Ray is started.
+        self.found_status = read_json(self.store.status_json) if self.store.status_json.exists() else None
+        try:
+            units = self._checks()
+        except (RunError, ConfigError, StageError, IngestError) as e:
+            self._status("refused", error=e)
+            raise
+        except BaseException as e:
+            self._status("failed", error=e)
+            raise
+        try:
+            return self._execute(units, t_start)
+        except BaseException as e:
+            self._status("failed", self.history, error=e)
+            raise
+
+    def _checks(self) -> list:
+        """Everything that may refuse the run, before Ray starts: pools, stage preflight (missing
+        weights stop the run here), the configuration against the directory's, the plan and its inputs."""
+        from curation.planning import InputsChanged, load_or_make_plan, source_specs
+
+        for p in self.req.pools:
+            if not Path(p).exists():
+                raise RunRefused(f"pool path {p} does not exist")
+        for source in [*self.req.pools, *(s.path for s in self.seeds), *(e.path for e in self.excludes)]:
+            root = Path(source).resolve()
+            if root.is_dir() and self.store.run_dir.is_relative_to(root):
+                raise RunRefused(
+                    f"the run directory {self.store.run_dir} is inside the input folder {root}: the run's own "
+                    "files would become inputs (and change on every start). Choose an --out outside it."
+                )
         self._build_stages(preflight=True)
         self._check_resume()
+        self.current = "plan"
         self._status("running")
+        try:
+            return load_or_make_plan(self.store, source_specs(self.req.pools, self.seeds, self.excludes), self.cfg.ingest, self.req.replan)
+        except InputsChanged as e:
+            raise RunRefused(str(e)) from None
+
+    def _execute(self, units: list, t_start: float) -> dict:
+        from curation.executor import RayExecutor, init_ray
+        from curation.shard_ops import StageSpec
+
         init_ray(self.cfg, self.req.address, progress=self.req.progress)
         stages = self._build_stages(preflight=False)  # now with cluster resources known
         executor = RayExecutor(self.store, self.cfg.execution)
-        history: list[StageRecord] = []
+        history = self.history
         ingest_rec = StageRecord(0, "ingest", "ingest", INGEST, [n for n in schema.INGEST_SCHEMA.names if n != schema.UID])
-        units = load_or_make_plan(self.store, source_specs(self.req.pools, self.seeds, self.excludes), self.cfg.ingest)
+        self._begin(ingest_rec.name, history)
         self.stage_stats.append(executor.ingest(ingest_rec, units, self.cfg.ingest.model_dump(mode="json")))
         history.append(ingest_rec)
         for i, stage in enumerate(stages, start=1):
@@ -139,21 +214,29 @@ class Runner:
                 rec.to_dict(),
                 [h.to_dict() for h in history],
             )
+            self._begin(rec.name, history)
             if shape == MAP:
                 ctx = self.context(self.store.run_dir)
                 self.stage_stats.append(executor.map_stage(stage, spec, ctx.cluster_cpus, ctx.cluster_gpus))
             else:
                 self.stage_stats.append(executor.global_stage(stage, spec))
             history.append(rec)
-            self._status("running", history)
         emit_rec = StageRecord(len(stages) + 1, "emit", "emit", MAP, [])
         as_is = [s.name for s in self.seeds if any(r["method"] == "as_is" for r in s.recipes)]
         has_retrieval = any(s.config.kind == "retrieve" for s in stages)
+        self._begin(emit_rec.name, history)
         self.stage_stats.append(executor.emit(emit_rec, history, as_is, has_retrieval))
         history.append(emit_rec)
-        manifest = self._manifest(stages, history, time.perf_counter() - t_start)
+        self._begin("manifest", history)
+        planned = {u.shard: len(u.items) for u in units}
+        manifest = self._manifest(stages, history, planned, time.perf_counter() - t_start)
+        self.current = None
         self._status("finished", history)
         return manifest
+
+    def _begin(self, what: str, history: list[StageRecord]) -> None:
+        self.current = what
+        self._status("running", history)
 
     def _build_stages(self, preflight: bool) -> list[Stage]:
         stages: list[Stage] = []
@@ -166,20 +249,27 @@ class Runner:
         return stages
 
     # -- outputs ------------------------------------------------------------------------------
-    def _status(self, state: str, history: list[StageRecord] | None = None) -> None:
-        write_json_atomic(
-            {
-                "state": state,
-                "run_dir": str(self.store.run_dir),
-                "stages_done": [h.name for h in (history or [])],
-                "stages": [s.get("stage") for s in self.stage_stats],
-                "stats": self.stage_stats,
-                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
-            self.store.status_json,
-        )
+    def _status(self, state: str, history: list[StageRecord] | None = None, error: BaseException | None = None) -> None:
+        status = {
+            "state": state,
+            "run_dir": str(self.store.run_dir),
+            "stage": self.current if state in ("running", "failed") else None,
+            "stages_done": [h.name for h in (history or [])],
+            "stages": [s.get("stage") for s in self.stage_stats],
+            "stats": self.stage_stats,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if error is not None:
+            status.update(error_fields(error))
+        old = self.found_status
+        if old is not None and old.get("state") == "refused":
+            old = old.get("previous")  # refused twice: what the directory holds is still the earlier state
+        if state == "refused" and old is not None:
+            # What the directory still holds (e.g. a finished run that a changed config cannot resume).
+            status["previous"] = {k: old.get(k) for k in ("state", "stage", "stages_done", "updated", "error")}
+        write_json_atomic(status, self.store.status_json)
 
-    def _manifest(self, stages: list[Stage], history: list[StageRecord], seconds: float) -> dict:
+    def _manifest(self, stages: list[Stage], history: list[StageRecord], planned: dict[int, int], seconds: float) -> dict:
         from curation.manifest import RunFacts, build_manifest
 
         facts = RunFacts(
@@ -191,6 +281,7 @@ class Runner:
             stage_stats=self.stage_stats,
             warnings=self.warnings,
             config=self.cfg.model_dump(mode="json"),
+            planned=planned,
         )
         manifest = build_manifest(facts, stages, seconds)
         write_json_atomic(manifest, self.store.manifest_json)

@@ -102,6 +102,17 @@ class RunStore:
         return self.run_dir / "status.json"
 
     @property
+    def replan_json(self) -> Path:
+        """Present while a ``--replan`` discards the outputs of the previous plan."""
+        return self.run_dir / "replan.json"
+
+    def plan_outputs(self) -> list[Path]:
+        """Everything made under the current plan: what a re-plan discards. The plan goes last,
+        so a replan killed half-way still has the old plan (and its marker) to finish from."""
+        return [self.run_dir / "stages", self.ledger_root, self.dataset_dir, self.manifest_json,
+                self.run_dir / "report.html", self.plan_json]
+
+    @property
     def dataset_dir(self) -> Path:
         return self.run_dir / "dataset"
 

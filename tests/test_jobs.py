@@ -45,8 +45,10 @@ def test_entrypoint_is_curate_run_with_absolute_paths_and_the_shipped_config(inp
     assert run.exclude == ["imagenet1k_val"]  # a catalog name passes through
     assert run.out == str(out)
     assert run.config == "pipeline/smoke.yaml" and sub.config_file == PROJECT_ROOT / "pipelines" / "smoke.yaml"
-    assert run.allow_missing_weights is True
+    assert run.allow_missing_weights is True and run.replan is False
     assert run.set == ["stages.decode.min_side=16"]  # overrides travel with the job (and were validated here)
+    replan = jobs.build_submission(submit_args("--pool", "pool", "--out", str(out), "--config", "smoke", "--replan"))
+    assert build_parser().parse_args(shlex.split(replan.entrypoint)[3:]).replan is True
 
 
 def test_runtime_env_ships_the_three_packages_without_bytecode(inputs, tmp_path):
