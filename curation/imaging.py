@@ -173,14 +173,28 @@ def decode_rgb(
     return decode_with_info(data, max_pixels, min_size=min_size, max_decoded_bytes=max_decoded_bytes)[0]
 
 
+def decode_gray(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    min_size: MinSize = None,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> Image.Image:
+    """``decode_rgb(...).convert("L")``, but a colour JPEG gives libjpeg's luma directly
+    (the same weights as Pillow's conversion, without decoding and converting the chroma)."""
+    return decode_with_info(data, max_pixels, min_size=min_size, max_decoded_bytes=max_decoded_bytes, mode="L")[0]
+
+
 def decode_with_info(
     data: bytes,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
     min_size: MinSize = None,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    mode: str = "RGB",
 ) -> tuple[Image.Image, ImageInfo]:
-    """``decode_rgb`` plus the header facts (full-size, upright), from one parse of the file."""
+    """``decode_rgb`` (or ``decode_gray`` with ``mode="L"``) plus the header facts (full-size,
+    upright), from one parse of the file."""
     _check_header(data)
     stage = "header"
     try:
@@ -190,12 +204,14 @@ def decode_with_info(
             info = _info(img, data, max_pixels, max_decoded_bytes)
             stage = "pixels"
             img.seek(0)
-            scale = _draft(img, info, min_size)
+            scale = _draft(img, info, min_size, mode)
             img.load()
-            if info.format in ("JPEG", "MPO") and _filled_tail(img, scale) and _cut_short(data, info, min_size, img):
+            if info.format in ("JPEG", "MPO") and _filled_tail(img, scale) and _cut_short(data, info, min_size, mode, img):
                 raise DecodeError("truncated", "JPEG data ends before the last block (the rest would be grey fill)")
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img), info
+            if info.orientation in _TRANSPOSES:  # exif_transpose, minus the copy it makes of upright images
+                img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+            return (img if mode == "RGB" else img.convert(mode)), info
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -206,6 +222,9 @@ def decode_with_info(
         raise DecodeError(reason, f"cannot decode image ({stage}): {msg}") from None
     except Exception as e:
         raise DecodeError("corrupt", f"cannot decode image ({stage}): {type(e).__name__}: {e}") from None
+
+
+_TRANSPOSES = (2, 3, 4, 5, 6, 7, 8)  # EXIF orientations that move pixels
 
 
 def draft_box(info: ImageInfo, min_size: MinSize) -> tuple[int, int] | None:
@@ -222,13 +241,17 @@ def draft_box(info: ImageInfo, min_size: MinSize) -> tuple[int, int] | None:
     return (h, w) if info.orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _draft(img: Image.Image, info: ImageInfo, min_size: MinSize) -> int:
-    """Ask libjpeg for DCT-scaled output; returns the scale denominator (1 = full size)."""
+def _draft(img: Image.Image, info: ImageInfo, min_size: MinSize, mode: str = "RGB") -> int:
+    """Ask libjpeg for DCT-scaled output (and for luma only when ``mode`` is L); returns the
+    scale denominator (1 = full size)."""
+    if info.format not in ("JPEG", "MPO"):
+        return 1
     box = draft_box(info, min_size)
-    if box is None or info.format not in ("JPEG", "MPO"):
+    luma = mode == "L" and img.mode == "RGB"  # YCbCr coded; CMYK and grey JPEGs keep their mode
+    if box is None and not luma:
         return 1
     full = img.size
-    img.draft(None, box)  # keeps the mode: RGB stays RGB, CMYK stays CMYK
+    img.draft("L" if luma else None, box)
     return max(1, round(full[0] / img.size[0]))
 
 
@@ -246,14 +269,14 @@ def _filled_tail(img: Image.Image, scale: int) -> bool:
     return bool(((tail == 128) | (tail == 127)).all())
 
 
-def _cut_short(data: bytes, info: ImageInfo, min_size: MinSize, decoded: Image.Image) -> bool:
+def _cut_short(data: bytes, info: ImageInfo, min_size: MinSize, mode: str, decoded: Image.Image) -> bool:
     """Confirms a grey tail is fill, not a grey picture: decode again with the end-of-image
     marker replaced by zero bytes. A complete file still decodes its last block from its own
     data (the zeros are only read ahead); a file cut short never gets there, so its last block
     stays unwritten instead of grey."""
     eoi = data.rfind(b"\xff\xd9")
     again = Image.open(io.BytesIO((data[:eoi] if eoi > 0 else data) + bytes(64)))
-    scale = _draft(again, info, min_size)
+    scale = _draft(again, info, min_size, mode)
     try:
         again.load()
     except OSError:  # expected: the zeros never end in a marker; what was decoded stays

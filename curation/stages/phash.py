@@ -5,22 +5,28 @@ string imagehash prints, so values can be compared with other imagehash-based to
 With ``flip`` (default) the hash of the mirrored image is stored too: mirrored copies are
 common on the web and a global perceptual hash is not flip-invariant. Near-duplicates are found
 later by the global ``phash_dedup`` stage.
+
+Each hash first reduces the image to a small grey thumbnail (32x32 for pHash); the stage makes
+that thumbnail once, for the hash and for its mirror (resizing commutes with mirroring, so both
+equal imagehash's own values), from a JPEG decoded at no less than ``DRAFT_FACTOR`` times the
+thumbnail's size: libjpeg's DCT scaling skips most of the decode, and on ../shared/data every
+hash stays within 4 bits of the full-decode hash (``benchmarks/decode_quality.py``).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 import imagehash
 import numpy as np
 import pyarrow as pa
-from PIL import ImageOps
+from PIL import Image, ImageOps
 from pydantic import Field
 
 from curation import schema
-from curation.imaging import DecodeError, decode_rgb
-from curation.stage import MapStage, Resources, StageConfig
+from curation.imaging import DecodeError, decode_with_info
+from curation.stage import MapStage, Resources
+from curation.stages._images import ImageStageConfig, error_details
 
 HASH_FUNCTIONS = {
     "phash": imagehash.phash,
@@ -28,9 +34,10 @@ HASH_FUNCTIONS = {
     "whash": imagehash.whash,
 }
 HASH_SIZE = 8  # 8 x 8 = 64 bits, one uint64
+DRAFT_FACTOR = 4
 
 
-class PhashConfig(StageConfig):
+class PhashConfig(ImageStageConfig):
     kind: Literal["phash"] = "phash"
     method: Literal["phash", "dhash", "whash"] = Field("phash", description="imagehash function")
     column: str = Field("phash", description="uint64 output column")
@@ -45,8 +52,34 @@ def flip_column(column: str) -> str:
 
 def image_hash(image, method: str = "phash") -> int:
     """64-bit perceptual hash of a PIL image as an unsigned integer."""
-    bits = HASH_FUNCTIONS[method](image, hash_size=HASH_SIZE).hash.reshape(-1)
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+    return _as_int(HASH_FUNCTIONS[method](image, hash_size=HASH_SIZE))
+
+
+def _as_int(h: imagehash.ImageHash) -> int:
+    return int.from_bytes(np.packbits(h.hash.reshape(-1)).tobytes(), "big")
+
+
+def thumbnail_size(method: str, width: int, height: int) -> tuple[int, int]:
+    """The grey thumbnail imagehash resizes to before hashing an image of this size."""
+    if method == "phash":
+        return (HASH_SIZE * 4, HASH_SIZE * 4)  # imagehash's highfreq_factor
+    if method == "dhash":
+        return (HASH_SIZE + 1, HASH_SIZE)
+    scale = max(2 ** int(np.log2(min(width, height))), HASH_SIZE)  # whash's image_scale
+    return (scale, scale)
+
+
+def image_hashes(gray: Image.Image, method: str, flip: bool, full_size: tuple[int, int] | None = None) -> tuple[int, int | None]:
+    """``image_hash`` of the image and of its mirror, from one shared thumbnail.
+
+    ``full_size`` is the size of the image before any scaled decode (whash derives its
+    thumbnail size from it)."""
+    size = thumbnail_size(method, *(full_size or gray.size))
+    thumb = gray.convert("L").resize(size, Image.Resampling.LANCZOS)  # as imagehash does first
+    fn = HASH_FUNCTIONS[method]
+    kwargs = {"image_scale": size[0]} if method == "whash" else {}
+    value = _as_int(fn(thumb, hash_size=HASH_SIZE, **kwargs))
+    return value, (_as_int(fn(ImageOps.mirror(thumb), hash_size=HASH_SIZE, **kwargs)) if flip else None)
 
 
 class PhashStage(MapStage):
@@ -69,17 +102,23 @@ class PhashStage(MapStage):
     def process(self, batch: pa.Table) -> pa.Table:
         cfg = self.config
         hashes, flipped, reasons, details = [], [], [], []
+
+        def draft_size(w: int, h: int) -> tuple[int, int]:
+            tw, th = thumbnail_size(cfg.method, w, h)
+            return (tw * DRAFT_FACTOR, th * DRAFT_FACTOR)
+
         for data in batch.column(schema.BYTES).to_pylist():
             try:
-                img = decode_rgb(data or b"")
+                gray, info = decode_with_info(data or b"", **cfg.decode_limits, min_size=draft_size, mode="L")
             except DecodeError as e:  # normally caught by `decode` already; keep the ledger honest
                 hashes.append(None)
                 flipped.append(None)
                 reasons.append(e.reason)
-                details.append(json.dumps({"error": str(e)[:300], "stage": self.name}))
+                details.append(error_details(e, self.name))
                 continue
-            hashes.append(image_hash(img, cfg.method))
-            flipped.append(image_hash(ImageOps.mirror(img), cfg.method) if cfg.flip else None)
+            value, mirrored = image_hashes(gray, cfg.method, cfg.flip, (info.width, info.height))
+            hashes.append(value)
+            flipped.append(mirrored)
             reasons.append(None)
             details.append(None)
         columns = {cfg.column: pa.array(hashes, pa.uint64())}
