@@ -58,12 +58,22 @@ class CeilMaxPool2d(torch.nn.Module):
         ph, pw = (oh - 1) * s + k - h, (ow - 1) * s + k - w
         if ph > 0 or pw > 0:
             x = torch.nn.functional.pad(x, (0, max(pw, 0), 0, max(ph, 0)), value=float("-inf"))
-        out = None
-        for dy in range(k):
-            for dx in range(k):
-                window = x[..., dy : dy + (oh - 1) * s + 1 : s, dx : dx + (ow - 1) * s + 1 : s]
-                out = window if out is None else torch.maximum(out, window)
-        return out
+        # Separable: the maximum over each window's columns, then over its rows (2(k-1) ops).
+        return _strided_max(_strided_max(x, k, s, ow, dim=-1), k, s, oh, dim=-2)
+
+
+def _strided_max(x: torch.Tensor, k: int, s: int, n: int, dim: int) -> torch.Tensor:
+    """out[j] = max(x[j*s : j*s + k]) along ``dim``, for j < n."""
+    index = [slice(None)] * x.dim()
+
+    def window(d: int) -> torch.Tensor:
+        index[dim] = slice(d, d + (n - 1) * s + 1, s)
+        return x[tuple(index)]
+
+    out = torch.maximum(window(0), window(1)) if k > 1 else window(0).clone()
+    for d in range(2, k):
+        torch.maximum(out, window(d), out=out)
+    return out
 
 
 def use_exact_fast_pooling(module: torch.nn.Module) -> None:
