@@ -8,9 +8,10 @@ later by the global ``phash_dedup`` stage.
 
 Each hash first reduces the image to a small grey thumbnail (32x32 for pHash); the stage makes
 that thumbnail once, for the hash and for its mirror (resizing commutes with mirroring, so both
-equal imagehash's own values), from a JPEG decoded at no less than ``DRAFT_FACTOR`` times the
-thumbnail's size: libjpeg's DCT scaling skips most of the decode, and on ../shared/data every
-hash stays within 4 bits of the full-decode hash (``benchmarks/decode_quality.py``).
+equal imagehash's own values), from a JPEG luma-decoded at no less than ``DRAFT_SIDE`` pixels a
+side (four times pHash's thumbnail; whash's own scale when that is larger): libjpeg's DCT
+scaling skips most of the decode, and on ../shared/data every hash stays within 4 bits of the
+full-decode hash (``benchmarks/decode_quality.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ HASH_FUNCTIONS = {
     "whash": imagehash.whash,
 }
 HASH_SIZE = 8  # 8 x 8 = 64 bits, one uint64
-DRAFT_FACTOR = 4
+DRAFT_SIDE = 128
 
 
 class PhashConfig(ImageStageConfig):
@@ -67,6 +68,12 @@ def thumbnail_size(method: str, width: int, height: int) -> tuple[int, int]:
         return (HASH_SIZE + 1, HASH_SIZE)
     scale = max(2 ** int(np.log2(min(width, height))), HASH_SIZE)  # whash's image_scale
     return (scale, scale)
+
+
+def draft_size(method: str, width: int, height: int) -> tuple[int, int]:
+    """The smallest decoded size the hash of a ``width`` x ``height`` image is computed from."""
+    tw, th = thumbnail_size(method, width, height)
+    return (max(tw, DRAFT_SIDE), max(th, DRAFT_SIDE))
 
 
 def image_hashes(gray: Image.Image, method: str, flip: bool, full_size: tuple[int, int] | None = None) -> tuple[int, int | None]:
@@ -103,13 +110,9 @@ class PhashStage(MapStage):
         cfg = self.config
         hashes, flipped, reasons, details = [], [], [], []
 
-        def draft_size(w: int, h: int) -> tuple[int, int]:
-            tw, th = thumbnail_size(cfg.method, w, h)
-            return (tw * DRAFT_FACTOR, th * DRAFT_FACTOR)
-
         for data in batch.column(schema.BYTES).to_pylist():
             try:
-                gray, info = decode_with_info(data or b"", **cfg.decode_limits, min_size=draft_size, mode="L")
+                gray, info = decode_with_info(data or b"", **cfg.decode_limits, min_size=lambda w, h: draft_size(cfg.method, w, h), mode="L")
             except DecodeError as e:  # normally caught by `decode` already; keep the ledger honest
                 hashes.append(None)
                 flipped.append(None)
