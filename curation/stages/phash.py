@@ -8,10 +8,12 @@ later by the global ``phash_dedup`` stage.
 
 Each hash first reduces the image to a small grey thumbnail (32x32 for pHash); the stage makes
 that thumbnail once, for the hash and for its mirror (resizing commutes with mirroring, so both
-equal imagehash's own values), from a JPEG luma-decoded at no less than ``DRAFT_SIDE`` pixels a
-side (four times pHash's thumbnail; whash's own scale when that is larger): libjpeg's DCT
-scaling skips most of the decode, and on ../shared/data every hash stays within 4 bits of the
-full-decode hash (``benchmarks/decode_quality.py``).
+equal imagehash's own values), from a JPEG decoded at no less than ``DRAFT_SIDE`` pixels a side
+(four times pHash's thumbnail; whash's own scale when that is larger), luma only for pHash and
+dHash: libjpeg's DCT scaling skips most of the decode, and on ../shared/data every pHash and
+dHash stays within 5 bits of the full-decode hash (``benchmarks/decode_quality.py``). wHash
+decodes RGB: its median split of near-equal wavelet coefficients moved up to 33 bits on 0.5% of
+photos when fed libjpeg's luma instead of Pillow's conversion.
 """
 
 from __future__ import annotations
@@ -76,13 +78,19 @@ def draft_size(method: str, width: int, height: int) -> tuple[int, int]:
     return (max(tw, DRAFT_SIDE), max(th, DRAFT_SIDE))
 
 
-def image_hashes(gray: Image.Image, method: str, flip: bool, full_size: tuple[int, int] | None = None) -> tuple[int, int | None]:
+def decode_for_hash(data: bytes, method: str, limits: dict) -> tuple[Image.Image, tuple[int, int]]:
+    """The image ``image_hashes`` needs for ``method`` and the full upright size."""
+    img, info = decode_with_info(data, **limits, min_size=lambda w, h: draft_size(method, w, h), mode="RGB" if method == "whash" else "L")
+    return img, (info.width, info.height)
+
+
+def image_hashes(image: Image.Image, method: str, flip: bool, full_size: tuple[int, int] | None = None) -> tuple[int, int | None]:
     """``image_hash`` of the image and of its mirror, from one shared thumbnail.
 
     ``full_size`` is the size of the image before any scaled decode (whash derives its
     thumbnail size from it)."""
-    size = thumbnail_size(method, *(full_size or gray.size))
-    thumb = gray.convert("L").resize(size, Image.Resampling.LANCZOS)  # as imagehash does first
+    size = thumbnail_size(method, *(full_size or image.size))
+    thumb = image.convert("L").resize(size, Image.Resampling.LANCZOS)  # as imagehash does first
     fn = HASH_FUNCTIONS[method]
     kwargs = {"image_scale": size[0]} if method == "whash" else {}
     value = _as_int(fn(thumb, hash_size=HASH_SIZE, **kwargs))
@@ -112,14 +120,14 @@ class PhashStage(MapStage):
 
         for data in batch.column(schema.BYTES).to_pylist():
             try:
-                gray, info = decode_with_info(data or b"", **cfg.decode_limits, min_size=lambda w, h: draft_size(cfg.method, w, h), mode="L")
+                img, full_size = decode_for_hash(data or b"", cfg.method, cfg.decode_limits)
             except DecodeError as e:  # normally caught by `decode` already; keep the ledger honest
                 hashes.append(None)
                 flipped.append(None)
                 reasons.append(e.reason)
                 details.append(error_details(e, self.name))
                 continue
-            value, mirrored = image_hashes(gray, cfg.method, cfg.flip, (info.width, info.height))
+            value, mirrored = image_hashes(img, cfg.method, cfg.flip, full_size)
             hashes.append(value)
             flipped.append(mirrored)
             reasons.append(None)
