@@ -43,6 +43,8 @@ class Embedder(ABC):
     name: str
     #: Output dimension.
     dim: int
+    #: What ``preprocess`` wants from the decoder: "RGB" or "L" (grey, decoded as luma).
+    decode_mode: str = "RGB"
 
     def __init__(self, device: str | torch.device | None = None, batch_size: int = 64):
         self.device = resolve_device(device)
@@ -58,6 +60,24 @@ class Embedder(ABC):
         """A batch (NCHW, already on ``self.device``) to raw features [N, dim]."""
 
     # -- shared machinery -----------------------------------------------------------------
+    @property
+    def decode_min_size(self) -> tuple[int, int] | None:
+        """The smallest decoded (width, height) that ``preprocess`` gives the same input from,
+        up to rounding (JPEGs are decoded no larger; see ``curation.imaging.decode_rgb``).
+        Read off ``self.transform`` when the embedder has one; None: decode at full size."""
+        from embedders.preprocess import decode_min_size
+
+        transform = getattr(self, "transform", None)
+        return None if transform is None else decode_min_size(transform)
+
+    def tensor_preprocess(self):
+        """``preprocess`` as a function of a decoded uint8 CHW tensor on any device (for GPU
+        decoding), or None when the preprocessing has no tensor form."""
+        from embedders.preprocess import tensor_pipeline
+
+        transform = getattr(self, "transform", None)
+        return None if transform is None else tensor_pipeline(transform)
+
     def autocast(self):
         """bf16 on CUDA (tensor cores, no loss scaling needed for inference); fp32 on CPU, where
         bf16 autocast is slower than fp32 on most processors."""
@@ -68,7 +88,9 @@ class Embedder(ABC):
     @torch.inference_mode()
     def forward_batch(self, batch: torch.Tensor) -> np.ndarray:
         """Run one stacked batch; returns float32 unit rows on the CPU."""
-        if self.device.type == "cuda":
+        if batch.device == self.device:
+            pass  # decoded on the device already
+        elif self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)

@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from curation import schema
-from curation.imaging import decode_rgb
+from curation.imaging import DecodeError, decode_rgb, probe
 from curation.stage import StageContext
 from curation.stages.decode import DecodeConfig, DecodeStage
 
@@ -130,3 +131,64 @@ def test_format_is_sniffed_not_taken_from_the_name(stage, shared_data):
     fixtures = shared_data / "imagededup_fixtures" / "formats_images"
     rows = run(stage, [(fixtures / n).read_bytes() for n in ("ukbench09380.bmp", "ukbench09380.svg", "ukbench09380.webp")])
     assert [r["format"] for r in rows] == ["JPEG", "JPEG", "WEBP"]
+
+
+def smooth_photo(w=400, h=300) -> Image.Image:
+    """A picture that compresses like a photo (random noise would make every cut look alike)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([(xx * 0.7 + yy * 0.3) % 256, (xx * 0.2 + yy * 0.9) % 256, (xx * yy / 300) % 256], -1)
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.8, 0.97])
+def test_jpeg_cut_short_and_closed_with_an_end_marker_is_truncated(stage, fraction):
+    """libjpeg fills the missing blocks with flat grey and Pillow reports success; the stage
+    must not emit an image whose bottom is that fill."""
+    data = encode(smooth_photo(), "JPEG", quality=90)
+    damaged = data[: int(len(data) * fraction)] + b"\xff\xd9"
+    assert Image.open(io.BytesIO(damaged)).convert("RGB").size == (400, 300)  # Pillow accepts it
+    (row,) = run(stage, [damaged])
+    assert row["drop_reason"] == "truncated"
+    with pytest.raises(DecodeError) as e:  # every stage and the trainer decode through here
+        decode_rgb(damaged, min_size=32)
+    assert e.value.reason == "truncated"
+
+
+def test_a_picture_that_really_ends_in_flat_grey_is_kept(stage):
+    arr = np.asarray(smooth_photo()).copy()
+    arr[200:] = 128  # the bottom third is the grey that libjpeg's fill would produce
+    (row,) = run(stage, [encode(Image.fromarray(arr), "JPEG", quality=90)])
+    assert row["drop_reason"] is None
+
+
+def jpeg_with_size(data: bytes, width: int, height: int) -> bytes:
+    """The same file with its frame header (SOF0) claiming another size."""
+    i = data.index(b"\xff\xc0")
+    return data[: i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[i + 9 :]
+
+
+def test_header_claiming_far_more_pixels_than_the_file_holds_is_implausible(stage):
+    tiny = encode(Image.new("RGB", (16, 16), (90, 120, 60)), "JPEG", quality=50)
+    liar = jpeg_with_size(tiny, 9400, 9400)
+    assert len(liar) < 1000 and 9400 * 9400 < stage.config.max_pixels * 25  # below the 4 MP cap only by x25
+    big_cap = DecodeStage(DecodeConfig(), StageContext(Path("."), Path("s")))
+    (row,) = run(big_cap, [liar])  # default limits: 88 MP is under Pillow's bomb threshold
+    assert row["drop_reason"] == "implausible_size"
+    assert "9400x9400" in json.loads(row["drop_details"])["error"]
+    with pytest.raises(DecodeError) as e:
+        probe(liar)
+    assert e.value.reason == "implausible_size"
+
+
+def test_decoded_memory_cap_is_configurable_and_on_by_default(tmp_path):
+    # 9000x8000 one-bit pixels: a 10 KB PNG under Pillow's bomb threshold (72 of 89 MP) that
+    # would take 288 MB once decoded to RGB.
+    big = encode(Image.new("1", (9000, 8000)), "PNG")
+    assert len(big) < 20_000
+    with pytest.raises(DecodeError) as e:
+        decode_rgb(big)  # the trainer's loader calls exactly this
+    assert e.value.reason == "decoded_too_large"
+    small = encode(Image.new("L", (1000, 800)), "PNG")
+    capped = DecodeStage(DecodeConfig(max_decoded_bytes=3_000_000), StageContext(tmp_path, tmp_path / "s"))
+    rows = run(capped, [small, encode(Image.new("L", (800, 800)), "PNG")])
+    assert [r["drop_reason"] for r in rows] == ["decoded_too_large", None]

@@ -11,6 +11,7 @@ import timm
 import torch
 from PIL import Image
 
+from curation.imaging import decode_rgb
 from curation.stage import StageContext, StageError
 from curation.stages.embed import STAGE as EMBED, EmbedConfig
 from embedders import TRAINER_FORMAT, EmbedderUnavailable, build_embedder, output_dim
@@ -166,8 +167,10 @@ def test_embed_stage_on_real_images_matches_direct_embedding_and_drops_corrupt(s
     emb = out.column("embedding")
     assert emb.null_count == 2
     got = np.array([v for v in emb.to_pylist() if v is not None], np.float32)
-    direct = stage.embedder.embed([Image.open(f).convert("RGB") for f in files])
-    np.testing.assert_allclose(got, direct, atol=2e-3)  # float16 storage
+    # JPEGs are decoded no larger than the preprocessing needs (here 2 x 71 px on the short side)
+    scaled = [decode_rgb(f.read_bytes(), min_size=stage.embedder.decode_min_size) for f in files]
+    assert any(im.size != Image.open(f).size for im, f in zip(scaled, files))
+    np.testing.assert_allclose(got, stage.embedder.embed(scaled), atol=2e-3)  # float16 storage
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=2e-3)
 
 

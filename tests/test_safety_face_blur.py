@@ -255,3 +255,60 @@ def test_detection_does_not_depend_on_the_rest_of_the_batch(stage, shared_data):
     assert len(alone) == 1
     assert together.probs.tolist() == alone.probs.tolist()
     assert together.boxes.tolist() == alone.boxes.tolist()
+
+
+def stock_mtcnn_faces(img: Image.Image, min_face_size: int = 20, threshold: float = 0.9) -> list[tuple[list, float]]:
+    """facenet-pytorch's own MTCNN at full resolution, as a user would call it."""
+    from facenet_pytorch import MTCNN
+
+    boxes, probs = MTCNN(keep_all=True, post_process=False, min_face_size=min_face_size).detect(img)
+    if boxes is None:
+        return []
+    return [(list(map(float, b)), float(p)) for b, p in zip(boxes, probs) if p >= threshold and max(b[2] - b[0], b[3] - b[1]) >= min_face_size]
+
+
+def test_a_face_a_full_resolution_detector_finds_is_blurred(stage, shared_data):
+    """In this 702x1094 seed photo MTCNN finds a 32x47 face at p = 0.91 at full resolution; the
+    stage used to detect on a 1024-px copy (0.94x), found nothing there, and emitted the face."""
+    data = (shared_data / "seeds_imagenet" / "n03759954_microphone.JPEG").read_bytes()
+    img = decode_rgb(data)
+    assert img.size == (702, 1094)
+    ((box, p),) = stock_mtcnn_faces(img)
+    assert 0.9 <= p < 0.92 and 30 <= box[2] - box[0] <= 36 and 44 <= box[3] - box[1] <= 50
+    (row,) = stage.process(batch_of([data])).to_pylist()
+    assert row[FACES] >= 1 and row[schema.DROP_REASON] is None
+    assert_blurred(data, row, [box], min_change=5)
+    assert stock_mtcnn_faces(decode_rgb(row[schema.BYTES])) == []
+
+
+def test_exact_pooling_gives_the_stock_detector_results(face_photos):
+    import torch
+    from facenet_pytorch import MTCNN
+
+    from curation.safety.faces import CeilMaxPool2d
+
+    g = torch.Generator().manual_seed(0)
+    for shape, k, s in [((1, 10, 179, 239), 2, 2), ((3, 10, 180, 240), 2, 2), ((7, 28, 22, 22), 3, 2), ((5, 32, 23, 47), 3, 2), ((2, 64, 9, 9), 2, 2)]:
+        x = torch.randn(*shape, generator=g)
+        assert torch.equal(CeilMaxPool2d(k, s)(x), torch.nn.functional.max_pool2d(x, k, s, ceil_mode=True))
+    ours = FaceDetector().mtcnn  # MTCNN with the exact pooling swapped in
+    ours.min_face_size = 20
+    stock = MTCNN(keep_all=True, select_largest=False, post_process=False, min_face_size=20)
+    for data in face_photos[:5]:
+        img = decode_rgb(data)
+        (boxes, probs), (expected_boxes, expected_probs) = ours.detect(img), stock.detect(img)
+        np.testing.assert_array_equal(probs, expected_probs)
+        np.testing.assert_array_equal(boxes, expected_boxes)
+
+
+def test_with_a_detection_cap_the_face_is_found_on_a_small_decode_and_blurred_at_full_size(tmp_path, face_photos):
+    capped = make_stage(tmp_path, detect_max_side=512)
+    portrait = face_photos[2]  # kate_siegel, larger than 1024 px
+    w, h = decode_rgb(portrait).size
+    img, size = capped._detection_image(portrait)
+    assert size == (w, h) and max(img.size) < max(w, h) and min(img.size) >= min(capped._detector.copy_size(size))
+    (row,) = capped.process(batch_of([portrait])).to_pylist()
+    assert row[FACES] >= 1 and decode_rgb(row[schema.BYTES]).size == (w, h)
+    boxes = np.array(row[FACE_BOXES])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert_blurred(portrait, row, boxes[[areas.argmax()]])

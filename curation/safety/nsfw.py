@@ -23,6 +23,9 @@ class NsfwBackend(ABC):
     name: ClassVar[str]
     # Human-readable model description for the manifest.
     description: ClassVar[str] = ""
+    # The smallest decoded (width, height) ``preprocess`` gives the same input from, up to
+    # rounding; JPEGs are decoded no larger (None: full size).
+    decode_min_size: ClassVar[tuple[int, int] | None] = None
 
     @classmethod
     @abstractmethod

@@ -37,6 +37,9 @@ def import_keras():
 class OpenNsfw2Backend(NsfwBackend):
     name = "opennsfw2"
     description = "Yahoo Open-NSFW (opennsfw2 0.19, Keras 3 on torch), YAHOO preprocessing"
+    # YAHOO preprocessing squashes to 256x256 (bilinear) first; twice that keeps it a reduction
+    # of >= 2x2 decoded pixels per input pixel.
+    decode_min_size = (512, 512)
 
     @classmethod
     def default_weights_path(cls) -> Path:

@@ -1,7 +1,8 @@
 """Decode and validate every image once.
 
-Drops what a trainer cannot use (corrupt, truncated, decompression bombs, too small, extreme
-aspect ratio) and normalises the rest so that every emitted image decodes to upright RGB with
+Drops what a trainer cannot use (corrupt, truncated, decompression bombs, headers that claim more
+pixels than the file can hold, images above the decoded-memory cap, too small, extreme aspect
+ratio) and normalises the rest so that every emitted image decodes to upright RGB with
 any reader: images with EXIF rotation, CMYK, 16-bit, palette, alpha or several frames are
 re-encoded (PNG for lossless sources, JPEG q95 for lossy ones); the others keep their bytes.
 """
@@ -15,19 +16,19 @@ import pyarrow as pa
 from pydantic import Field
 
 from curation import schema
-from curation.imaging import DEFAULT_MAX_PIXELS, DecodeError, decode_with_info, encode
-from curation.stage import MapStage, Resources, StageConfig
+from curation.imaging import DecodeError, decode_with_info, encode
+from curation.stage import MapStage, Resources
+from curation.stages._images import ImageStageConfig, error_details
 
 _LOSSY = {"JPEG", "WEBP", "MPO"}
 _PASSTHROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}
 _PASSTHROUGH_MODES = {"RGB", "L"}
 
 
-class DecodeConfig(StageConfig):
+class DecodeConfig(ImageStageConfig):
     kind: Literal["decode"] = "decode"
     min_side: int = Field(64, ge=1, description="images whose shorter side is smaller are dropped (too_small)")
     max_aspect_ratio: float = Field(6.0, ge=1.0, description="long/short side above this is dropped (extreme_aspect)")
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb cap on width*height")
     normalize: bool = Field(True, description="re-encode images that are not plain upright RGB/L JPEG/PNG/WebP")
     batch_size: int = Field(64, ge=1)
     workers: int = Field(0, ge=0, description="actor-pool size; 0 = one per CPU")
@@ -66,9 +67,9 @@ class DecodeStage(MapStage):
     def _one(self, data: bytes | None):
         cfg = self.config
         try:
-            img, info = decode_with_info(data or b"", cfg.max_pixels)
+            img, info = decode_with_info(data or b"", **cfg.decode_limits)
         except DecodeError as e:
-            return (None, None, None, None, None, None, e.reason, json.dumps({"error": str(e)[:300]}))
+            return (None, None, None, None, None, None, e.reason, error_details(e))
         w, h = img.size
         short, long_ = min(w, h), max(w, h)
         if short < cfg.min_side:

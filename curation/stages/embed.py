@@ -4,13 +4,17 @@ Seeds are retrieval queries and evaluation images may be compared against later,
 are embedded with the same model. On a GPU the stage runs one actor per GPU; decoding and
 preprocessing happen in a thread pool that works ``prefetch`` model batches ahead of the model,
 so the GPU is not left waiting for JPEG decoding (the benchmark in benchmarks/embed.py measures
-how close the stage gets to the bare forward pass).
+how close the stage gets to the bare forward pass). When the model runs on a GPU and its
+preprocessing has a tensor form (timm, SSCD), JPEGs are batch-decoded by nvJPEG and preprocessed
+on the GPU instead, on a stream of their own (``embedders/gpu_decode.py``); other formats and
+whatever nvJPEG rejects take the CPU path image by image. On the CPU path JPEGs are decoded no
+larger than the preprocessing needs (``Embedder.decode_min_size``).
 """
 
 from __future__ import annotations
 
-import json
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -18,14 +22,15 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curation import schema
-from curation.imaging import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
+from curation.imaging import DecodeError, decode_with_info
 from curation.devices import torch_device_name, wants_gpu
-from curation.stage import MapStage, OptionalWeights, Resources, StageConfig, StageError
+from curation.stage import MapStage, OptionalWeights, Resources, StageError
+from curation.stages._images import ImageStageConfig, error_details
 from embedders import DEFAULT_RETRIEVAL_MODEL, EmbedderUnavailable, build_embedder, check_available, output_dim, parse_spec
 from embedders.registry import PixelsSpec, SscdSpec, TimmSpec
 
 
-class EmbedConfig(StageConfig):
+class EmbedConfig(ImageStageConfig):
     kind: Literal["embed"] = "embed"
     model: TimmSpec | SscdSpec | PixelsSpec = Field(
         default_factory=lambda: TimmSpec(name=DEFAULT_RETRIEVAL_MODEL),
@@ -38,7 +43,11 @@ class EmbedConfig(StageConfig):
     decode_threads: int = Field(0, ge=0, description="decode/preprocess threads per worker; 0 = the worker's CPUs")
     cpus_per_worker: float = Field(4, gt=0, description="CPUs reserved per worker (decode threads + host work)")
     dtype: Literal["float16", "float32"] = "float16"
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    gpu_decode: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="batch-decode JPEGs with nvJPEG and preprocess them on the GPU when the model runs on one (auto); "
+        "always: also on the CPU, through torchvision's decoder (for tests and comparisons); never: Pillow in decode threads",
+    )
 
     @field_validator("model", mode="before")
     @classmethod
@@ -62,6 +71,8 @@ class EmbedStage(OptionalWeights, MapStage):
         self.embedder = None
         self._pool: ThreadPoolExecutor | None = None
         self._not_applied: str | None = None  # why this worker runs NOT applied (--allow-missing-weights)
+        self.batch_decoder = None
+        self._device_pool: ThreadPoolExecutor | None = None
 
     # -- contract -------------------------------------------------------------------------
     def input_columns(self):
@@ -139,13 +150,40 @@ class EmbedStage(OptionalWeights, MapStage):
             raise StageError(f"stage {self.name}: model gives {self.embedder.dim}-d embeddings, schema says {self._dim}")
         self._dim = self.embedder.dim
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="embed-decode")
+        self.batch_decoder = self._make_batch_decoder()
+        if self.batch_decoder is not None:
+            self._device_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-device-decode")
+
+    def _make_batch_decoder(self):
+        mode = self.config.gpu_decode
+        if mode == "never" or (mode == "auto" and self.embedder.device.type != "cuda"):
+            return None
+        preprocess = self.embedder.tensor_preprocess()
+        if preprocess is None or self.embedder.decode_mode != "RGB":
+            if mode == "always":
+                raise StageError(f"stage {self.name}: {self.embedder.name} has no tensor preprocessing to run after GPU decoding; set gpu_decode: auto")
+            return None
+        from embedders.gpu_decode import BatchJpegDecoder
+
+        return BatchJpegDecoder(preprocess, self.embedder.device, self._prepare, self.config.decode_limits, self._pool)
 
     def _prepare(self, data: bytes | None):
-        """Decode + preprocess one image; a DecodeError becomes the row's drop reason."""
+        """CPU path: decode (no larger than the preprocessing needs) + preprocess one image;
+        a DecodeError becomes the row's drop reason."""
+        emb = self.embedder
         try:
-            return self.embedder.preprocess(decode_rgb(data or b"", self.config.max_pixels))
+            img, _ = decode_with_info(data or b"", **self.config.decode_limits, min_size=emb.decode_min_size, mode=emb.decode_mode)
+            return emb.preprocess(img)
         except DecodeError as e:
             return e
+
+    def _submit(self, blobs: list) -> Callable[[], list]:
+        """Start preparing one model batch; the returned call waits for its inputs."""
+        if self.batch_decoder is not None:
+            future = self._device_pool.submit(self.batch_decoder.prepare, blobs)
+            return lambda: future.result().wait()
+        futures = [self._pool.submit(self._prepare, b) for b in blobs]
+        return lambda: [f.result() for f in futures]
 
     def process(self, batch: pa.Table) -> pa.Table:
         if self.embedder is None and self._not_applied is None:
@@ -156,11 +194,11 @@ class EmbedStage(OptionalWeights, MapStage):
         blobs = batch.column(schema.BYTES).to_pylist()
         n, bs = len(blobs), self.config.batch_size
         starts = list(range(0, n, bs))
-        pending: dict[int, list[Future]] = {}
+        pending: dict[int, Callable[[], list]] = {}
 
         def submit(j: int) -> None:
             if j < len(starts) and j not in pending:
-                pending[j] = [self._pool.submit(self._prepare, b) for b in blobs[starts[j] : starts[j] + bs]]
+                pending[j] = self._submit(blobs[starts[j] : starts[j] + bs])
 
         emb = np.zeros((n, self.dim), np.float32)
         ok = np.zeros(n, bool)
@@ -169,13 +207,13 @@ class EmbedStage(OptionalWeights, MapStage):
         for j in range(min(self.config.prefetch + 1, len(starts))):
             submit(j)
         for j, start in enumerate(starts):
-            prepared = [f.result() for f in pending.pop(j)]
+            prepared = pending.pop(j)()
             submit(j + self.config.prefetch + 1)  # keep decode threads busy while the model runs
             rows = [start + i for i, p in enumerate(prepared) if not isinstance(p, DecodeError)]
             for i, p in enumerate(prepared):
                 if isinstance(p, DecodeError):
                     reasons[start + i] = p.reason
-                    details[start + i] = json.dumps({"error": str(p)[:300]})
+                    details[start + i] = error_details(p)
             if rows:
                 emb[rows] = self.embedder.embed_preprocessed([prepared[r - start] for r in rows])
                 ok[rows] = True

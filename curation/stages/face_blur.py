@@ -5,6 +5,11 @@ the new bytes replace the old ones in the output. Images without a face keep the
 bytes exactly, so this stage changes nothing it does not have to. Boxes are recorded in the
 pixel coordinates of the stored image with EXIF orientation applied (what ``decode_rgb``
 returns and what a blurred image is re-encoded as).
+
+Detection runs at full resolution by default, so that the stage's answer is that of a
+full-resolution MTCNN for every face of at least ``min_face_size`` pixels; blurred images are
+checked again, as emitted, until no face is left (``max_rounds``). With ``detect_max_side``, a
+JPEG is decoded no larger than its detection copy and decoded in full only when it has a face.
 """
 
 from __future__ import annotations
@@ -16,19 +21,24 @@ import pyarrow as pa
 from pydantic import Field
 
 from curation import schema
-from curation.imaging import DecodeError, decode_rgb, sniff_format
+from curation.imaging import DecodeError, decode_rgb, decode_with_info, sniff_format
 from curation.safety.blur import blur_region, encode_like_source, enlarge_box, icc_profile_of
 from curation.devices import torch_device_name, wants_gpu
-from curation.stage import MapStage, Resources, StageConfig
+from curation.stage import MapStage, Resources
+from curation.stages._images import ImageStageConfig, error_details
 
 FACES, FACE_BOXES, FACE_PROBS = "faces", "face_boxes", "face_probs"
 
 
-class Config(StageConfig):
+class Config(ImageStageConfig):
     kind: Literal["face_blur"] = "face_blur"
     prob_threshold: float = Field(0.9, gt=0, le=1, description="MTCNN face probability at or above which a face is blurred")
     min_face_size: int = Field(20, ge=1, description="smallest face side to look for, in pixels of the stored image")
-    detect_max_side: int | None = Field(1024, ge=64, description="detect on a copy whose longest side is at most this (null: full size)")
+    detect_max_side: int | None = Field(
+        None, ge=64,
+        description="detect on a copy whose longest side is at most this, which bounds the cost on very large photos but misses "
+        "faces smaller than min_face_size x (longest side / detect_max_side); null: full resolution, every face >= min_face_size",
+    )
     margin: float = Field(0.2, ge=0, le=2, description="each box grows by this fraction of its width/height on every side")
     method: Literal["gaussian", "pixelate"] = "gaussian"
     gaussian_radius: float = Field(0.15, gt=0, description="Gaussian radius as a fraction of the blurred region's longer side")
@@ -106,24 +116,23 @@ class FaceBlurStage(MapStage):
             if roles[i] not in self.roles:
                 continue
             try:
-                images[i] = decode_rgb(data[i])
+                images[i] = self._detection_image(data[i])
             except DecodeError as e:
-                reasons[i], details[i] = e.reason, json.dumps({"error": str(e)})
-        found = self._detector.detect(list(images.values())) if images else []
+                reasons[i], details[i] = e.reason, error_details(e)
         pending = {}
-        for i, f in zip(images, found):
+        for i, f in zip(images, self._detect(images.values())):
             faces[i], boxes[i], probs[i] = len(f), f.boxes.tolist(), f.probs.tolist()
             if len(f):
                 pending[i] = f
         # Blur, then look again at exactly what will be emitted: removing the strongest faces can
         # reveal faces the cascade suppressed. Images without faces are not re-checked: the same
         # detector on the same bytes finds the same nothing.
+        full = {i: self._full_image(data[i], *images[i]) for i in pending}
         for round_ in range(self.config.max_rounds):
             for i, f in pending.items():
-                out_bytes[i], formats[i] = self._blur(images[i], f.boxes, data[i], formats[i])
-            emitted = {i: decode_rgb(out_bytes[i]) for i in pending}
-            again = self._detector.detect(list(emitted.values())) if emitted else []
-            pending = {i: f for i, f in zip(emitted, again) if len(f)}
+                out_bytes[i], formats[i] = self._blur(full[i], f.boxes, data[i], formats[i])
+            emitted = {i: self._detection_image(out_bytes[i]) for i in pending}
+            pending = {i: f for i, f in zip(emitted, self._detect(emitted.values())) if len(f)}
             for i, f in pending.items():
                 faces[i] += len(f)
                 boxes[i] += f.boxes.tolist()
@@ -145,6 +154,23 @@ class FaceBlurStage(MapStage):
                 schema.DROP_DETAILS: pa.array(details, pa.string()),
             }
         )
+
+    def _detection_image(self, data: bytes) -> tuple[Any, tuple[int, int]]:
+        """The image to detect on and its full upright size: the image itself at full
+        resolution, or with ``detect_max_side`` a JPEG decoded no larger than its copy."""
+        detector = self._detector
+        min_size = (lambda w, h: detector.copy_size((w, h))) if detector.detect_max_side else None
+        img, info = decode_with_info(data, **self.config.decode_limits, min_size=min_size)
+        return img, (info.width, info.height)
+
+    def _detect(self, images) -> list:
+        images = list(images)
+        if not images:
+            return []
+        return self._detector.detect([img for img, _ in images], [size for _, size in images])
+
+    def _full_image(self, data: bytes, img, size: tuple[int, int]):
+        return img if img.size == size else decode_rgb(data, **self.config.decode_limits)
 
     def _blur(self, img, face_boxes, original: bytes, source_format: str | None) -> tuple[bytes, str]:
         c = self.config

@@ -22,13 +22,14 @@ from curation import schema
 from curation.imaging import DecodeError, decode_rgb
 from curation.devices import torch_device_name, wants_gpu
 from curation.safety.nsfw import NsfwBackend, available_backends, backend_class
-from curation.stage import MapStage, OptionalWeights, Resources, StageConfig, StageError
+from curation.stage import MapStage, OptionalWeights, Resources, StageError
+from curation.stages._images import ImageStageConfig, error_details
 
 NSFW_SCORE = "nsfw_score"
 NSFW_REASON = "nsfw"
 
 
-class Config(StageConfig):
+class Config(ImageStageConfig):
     kind: Literal["nsfw"] = "nsfw"
     threshold: float = Field(
         0.8, ge=0, description="images scoring at or above this are dropped (above 1: score only, drop nothing)"
@@ -131,10 +132,11 @@ class NsfwStage(OptionalWeights, MapStage):
             if role not in self.roles:
                 continue
             try:
-                inputs.append(self._backend.preprocess(decode_rgb(blob)))
+                image = decode_rgb(blob or b"", **self.config.decode_limits, min_size=self._backend.decode_min_size)
+                inputs.append(self._backend.preprocess(image))
                 rows.append(i)
             except DecodeError as e:
-                reasons[i], details[i] = e.reason, json.dumps({"error": str(e)})
+                reasons[i], details[i] = e.reason, error_details(e)
         threshold = self.config.threshold
         for start in range(0, len(rows), self.config.batch_size):
             chunk = rows[start : start + self.config.batch_size]
