@@ -182,3 +182,37 @@ def test_mirrored_descriptors_match_opencv_on_the_mirrored_photo(photos):
     assert len(permuted) > 20
     assert np.median(permuted) > 0.95 and np.median(plain) < 0.9
     assert sorted(MIRROR_PERMUTATION.tolist()) == list(range(128))
+
+
+# -- copy_dedup's ambiguous band ------------------------------------------------------------------
+def band_descriptors(n: int, pairs: dict[tuple[int, int], float], dim: int = 64) -> np.ndarray:
+    """Unit vectors, orthogonal except for ``pairs`` (a, b) at the given cosine."""
+    x = np.eye(n, dim, dtype=np.float32)
+    for (a, b), sim in pairs.items():
+        x[b] = sim * x[a] + np.sqrt(1 - sim**2) * np.eye(n, dim, dtype=np.float32)[b]
+    return x
+
+
+def test_copy_dedup_band_verifies_middling_similarities_in_both_forms(tmp_path, planted):
+    """Crop (row 10) of photo 0 at cosine 0.6: verified, an edge. Unrelated photos 2 and 3 at
+    0.6: not verified, kept. Photos 4 and 5 at 0.8: above the band, an edge without looking.
+    Photos 6 and 7 at 0.4: below the band, never looked at."""
+    from curation.stages.copy_dedup import CopyDedupStage
+
+    _, table = planted
+    x = band_descriptors(table.num_rows, {(0, 10): 0.6, (2, 3): 0.6, (4, 5): 0.8, (6, 7): 0.4})
+    table = table.append_column("sscd_descriptor", pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1]))
+    config = {"band": {"low": 0.45, "high": 0.75}, "index": {"spec": "Flat", "list_size": 6, "list_probe": 100}}
+    (single, d1, l1), (parted, d2, _) = both_forms(tmp_path, table, CopyDedupStage, config, shard_rows=4, max_partition_rows=2000, map_task_rows=6)
+    assert d1.equals(d2) and parted["execution"] == "partitioned"
+    details = {u: json.loads(d) for u, d in zip(d1.column("uid").to_pylist(), d1.column("drop_details").to_pylist())}
+    uid = lambda row: uid_of(row, 4)  # noqa: E731
+    area = (np.asarray(table.column("width")) * np.asarray(table.column("height"))).tolist()
+    smaller_of_4_5 = 5 if area[5] <= area[4] else 4  # the keep rule: the larger image stays
+    assert sorted(details) == sorted([uid(10), uid(smaller_of_4_5)])
+    assert details[uid(10)]["evidence"] == "geometric" and details[uid(10)]["geometry"]["verified"]
+    assert details[uid(10)]["kept_uid"] == uid(0) and details[uid(10)]["geometry"]["inliers"] >= 12
+    other = next(d for u, d in details.items() if u != uid(10))
+    assert other["evidence"] == "similarity" and other["similarity"] == pytest.approx(0.8, abs=1e-3)
+    for s in (single["summary"], parted["summary"]):
+        assert s["edges_similarity"] == 1 and s["edges_geometric"] == 1 and s["verified_pairs"] == 2, s

@@ -21,6 +21,7 @@ about ``max_partition_rows`` descriptors whatever N is.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,7 @@ from curation.partitioned.keys import combine, mix64, partition_of
 from curation.partitioned.steps import AggregateStep, Artifact, MapStep, Output, ReduceStep, TaskContext
 
 LO, HI, SCORE, CHECK = "lo", "hi", "score", "check"
+FEATURE_ROW_WEIGHT = 256  # descriptors per feature row at local_features' default, for sizing partitions
 _PAIR_SALT, _QUERY_SALT, _LIST_SALT = 0x9A1, 0x7E1, 0x115
 
 
@@ -82,10 +84,12 @@ class PairVerification:
             side = ctx.side.read() if ctx.side is not None else None
             if side is None or side.num_rows == 0:
                 return {}
-            req = np.stack([side.column(c).to_numpy().astype(np.int64) for c in (schema.UID, LO, HI)], 1)
-            req, first = np.unique(req, axis=0, return_index=True)  # a pair proposed from both sides
-            check = side.column(CHECK).to_numpy(zero_copy_only=False)[first]
-            score = side.column(SCORE).to_numpy()[first]
+            uid, lo, hi = (side.column(c).to_numpy().astype(np.int64) for c in (schema.UID, LO, HI))
+            score, check = side.column(SCORE).to_numpy(), side.column(CHECK).to_numpy(zero_copy_only=False)
+            order = np.lexsort((-score, hi, lo, uid))  # a pair proposed from both sides: the higher score
+            req = np.stack([uid, lo, hi], 1)[order]
+            first = np.r_[True, (np.diff(req, axis=0) != 0).any(axis=1)]
+            req, score, check = req[first], score[order][first], check[order][first]
             uids = table.column(schema.UID).to_numpy()
             pos = np.searchsorted(uids, req[:, 0], sorter=np.argsort(uids))
             idx = np.argsort(uids)[np.minimum(pos, len(uids) - 1)]
@@ -266,9 +270,11 @@ class DirectVerdicts:
         return out
 
     def enrich(self, drops: pa.Table) -> pa.Table:
-        """``drops`` with each row's verdict merged into its JSON details."""
-        import json
+        return merge_details(drops, self.details)
 
-        details = [json.dumps({**json.loads(d), **self.details.get(int(u), {})}, sort_keys=True)
-                   for u, d in zip(drops.column(schema.UID).to_pylist(), drops.column(schema.DROP_DETAILS).to_pylist())]
-        return drops.set_column(drops.column_names.index(schema.DROP_DETAILS), schema.DROP_DETAILS, pa.array(details, pa.string()))
+
+def merge_details(drops: pa.Table, extra: dict[int, dict]) -> pa.Table:
+    """``drops`` with ``extra[uid]`` merged into each row's JSON details."""
+    details = [json.dumps({**json.loads(d), **extra.get(int(u), {})}, sort_keys=True)
+               for u, d in zip(drops.column(schema.UID).to_pylist(), drops.column(schema.DROP_DETAILS).to_pylist())]
+    return drops.set_column(drops.column_names.index(schema.DROP_DETAILS), schema.DROP_DETAILS, pa.array(details, pa.string()))
