@@ -206,6 +206,13 @@ class StageError(RuntimeError):
     """A configuration or environment problem that stops a run before work starts."""
 
 
+# Appended to every missing-weights refusal: the pipeline that needs none.
+WEIGHT_FREE_HINT = (
+    "To run with no downloaded weights at all, use the weight-free pipeline: --config offline "
+    "(perceptual hashes, local-feature copy detection, face blurring; NSFW filtering reported as NOT applied)."
+)
+
+
 DROPS_SCHEMA = pa.schema(
     [
         pa.field(schema.UID, pa.int64(), nullable=False),

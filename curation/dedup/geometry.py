@@ -42,7 +42,7 @@ class VerifySettings(BaseModel):
     ratio: float = Field(0.85, gt=0, le=1, description="Lowe's ratio test for tentative matches (nearest / second nearest distance)")
     reprojection_px: float = Field(6.0, gt=0, description="RANSAC inlier threshold, pixels of the downscaled feature image")
     min_inliers: int = Field(12, ge=4, description="inlier matches needed")
-    min_inlier_ratio: float = Field(0.25, ge=0, le=1, description="inliers / tentative matches needed")
+    min_inlier_ratio: float = Field(0.6, ge=0, le=1, description="inliers / tentative matches needed")
     min_coverage: float = Field(0.1, ge=0, le=1, description="area share of the inliers' bounding box, in the image where it is larger")
     min_agreement: float = Field(0.6, ge=-1, le=1, description="correlation of the two thumbnails' fine detail over the overlap (pixel_agreement)")
     max_scale: float = Field(8.0, ge=1, description="largest scale change (either way) a copy may have")

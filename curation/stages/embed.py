@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from curation import schema
 from curation.imaging import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 from curation.devices import torch_device_name, wants_gpu
-from curation.stage import MapStage, Resources, StageConfig, StageError
+from curation.stage import WEIGHT_FREE_HINT, MapStage, Resources, StageConfig, StageError
 from embedders import DEFAULT_RETRIEVAL_MODEL, EmbedderUnavailable, build_embedder, check_available, output_dim, parse_spec
 from embedders.registry import PixelsSpec, SscdSpec, TimmSpec
 
@@ -88,7 +88,7 @@ class EmbedStage(MapStage):
             check_available(self.config.model)
             self.dim  # noqa: B018 - resolves the architecture (bad names fail here, not on workers)
         except EmbedderUnavailable as e:
-            raise StageError(f"stage {self.name}: {e}") from None
+            raise StageError(f"stage {self.name}: {str(e).rstrip('.')}. {WEIGHT_FREE_HINT}") from None
         except RuntimeError as e:  # timm: unknown model name
             raise StageError(f"stage {self.name}: cannot build model {self.config.model.model_dump()}: {e}") from None
         return []

@@ -5,7 +5,8 @@ with high probability, below 0.2 safe); a lower value removes more borderline im
 
 Missing weights stop the run in ``preflight`` with instructions, unless the run was started with
 ``--allow-missing-weights``: then every row passes unscored (``nsfw_score`` null) and the
-manifest says that NSFW filtering was NOT applied. ``enabled: false`` skips the stage outright.
+manifest says that NSFW filtering was NOT applied. ``if_missing: skip`` does the same for this
+stage alone (the weight-free ``offline`` pipeline). ``enabled: false`` skips the stage outright.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from curation import schema
 from curation.imaging import DecodeError, decode_rgb
 from curation.devices import torch_device_name, wants_gpu
 from curation.safety.nsfw import NsfwBackend, available_backends, backend_class
-from curation.stage import MapStage, Resources, StageConfig, StageError
+from curation.stage import WEIGHT_FREE_HINT, MapStage, Resources, StageConfig, StageError
 
 NSFW_SCORE = "nsfw_score"
 NSFW_REASON = "nsfw"
@@ -36,6 +37,10 @@ class Config(StageConfig):
     batch_size: int = Field(64, ge=1, description="images per model call")
     weights: Path | None = Field(None, description="weights file; null: the backend's own default location")
     backend: str = Field("opennsfw2", description="NSFW classifier (see curation.safety.nsfw)")
+    if_missing: Literal["refuse", "skip"] = Field(
+        "refuse", description="missing weights: refuse to run (unless --allow-missing-weights), or skip: every image passes "
+        "unscored and the manifest says NSFW filtering was NOT applied"
+    )
 
     @field_validator("backend")
     @classmethod
@@ -62,8 +67,14 @@ class NsfwStage(MapStage):
     def weights_problem(self) -> str | None:
         return self.backend_cls.weights_problem(self.weights_path)
 
+    @property
+    def may_skip(self) -> bool:
+        """Whether missing weights let the run go on (unscored) instead of stopping it."""
+        return self.context.allow_missing_weights or self.config.if_missing == "skip"
+
     def not_applied_warning(self, problem: str) -> str:
-        return f"NSFW filtering was NOT applied: {problem} (the run was started with --allow-missing-weights)"
+        why = "the run was started with --allow-missing-weights" if self.context.allow_missing_weights else "the stage has if_missing: skip"
+        return f"NSFW filtering was NOT applied: {problem} ({why})"
 
     # -- contract -----------------------------------------------------------------------------
     def input_columns(self) -> tuple[str, ...]:
@@ -81,13 +92,13 @@ class NsfwStage(MapStage):
         problem = self.weights_problem()
         if problem is None:
             return []
-        if self.context.allow_missing_weights:
+        if self.may_skip:
             return [self.not_applied_warning(problem)]
         raise StageError(self._missing_weights_help(problem))
 
     def manifest_section(self) -> dict[str, Any]:
         problem = self.weights_problem()
-        if problem is not None and self.context.allow_missing_weights:
+        if problem is not None and self.may_skip:
             return {"applied": False, "warning": self.not_applied_warning(problem)}
         return {
             "applied": True,
@@ -101,7 +112,7 @@ class NsfwStage(MapStage):
         self._backend: NsfwBackend | None = None
         problem = self.weights_problem()
         if problem is not None:
-            if self.context.allow_missing_weights:
+            if self.may_skip:
                 return  # rows pass unscored; the manifest says so
             raise StageError(self._missing_weights_help(problem))
         self._backend = self.backend_cls(self.weights_path, torch_device_name())
@@ -151,7 +162,7 @@ class NsfwStage(MapStage):
             f"stage {self.name!r} ({cls.name}): {problem}. To fix: {cls.download_hint()} and put it at "
             f"{cls.default_weights_path()}, or set `weights: /path/to/file` in this stage's entry of the "
             f"pipeline YAML. To run without NSFW filtering, set `enabled: false` on the stage or pass "
-            f"--allow-missing-weights (the manifest will then say NSFW filtering was NOT applied)."
+            f"--allow-missing-weights (the manifest will then say NSFW filtering was NOT applied). {WEIGHT_FREE_HINT}"
         )
 
 
