@@ -24,11 +24,13 @@ runs one reduce task per partition of lists (``local_steps``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from curation.dedup.geometry import Verdict, VerifySettings, verify_pair
 from curation.dedup.local_features import MIRROR_PERMUTATION, Features
 from curation.partitioned.keys import combine, mix64
 from retrieval.index import knn_search
@@ -266,3 +268,45 @@ def search_all(p: Points, lists: np.ndarray, s: CandidateSearch) -> Candidates:
         db = queries[stored[queries] & (primary[queries] == lst)]
         out.append(search_list(p.take(db), p.take(queries), s))
     return Candidates.concat(out)
+
+
+@dataclass
+class CopySearch:
+    """Candidate pairs (smaller uid, larger uid), their verdicts, and what the search cost."""
+
+    pairs: np.ndarray
+    verdicts: list[Verdict]
+    descriptors: int
+    lists: int
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def edges(self) -> np.ndarray:
+        ok = np.array([v.ok for v in self.verdicts], bool)
+        return self.pairs[ok] if len(self.pairs) else self.pairs
+
+    def rejected(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for v in self.verdicts:
+            if not v.ok:
+                out[v.reason] = out.get(v.reason, 0) + 1
+        return dict(sorted(out.items()))
+
+
+def find_copies(uids: np.ndarray, feats: list[Features], n_rows: int, s: CandidateSearch, verify: VerifySettings,
+                mirror: bool, seed: int, gpu: str = "auto") -> CopySearch:
+    """The single-task form from features to verified pairs (``n_rows``: the rows the stage
+    applies to, with or without features, which fixes the quantizer's sample rate)."""
+    t0 = time.perf_counter()
+    p = points_of(uids, feats, s.max_keypoints, mirror)
+    stored = int((~p.mirrored).sum())
+    centroids = fit_lists(p.take(train_mask(p, train_rate(n_rows, s), seed)), stored, s, seed, gpu)
+    lists = assign_lists(p, centroids, s.list_probe, gpu)
+    t1 = time.perf_counter()
+    q, n, _ = proposals(search_all(p, lists, s), s)
+    pairs = unique_pairs(q, n)
+    t2 = time.perf_counter()
+    pos = {int(u): i for i, u in enumerate(uids)}
+    verdicts = [verify_pair(feats[pos[int(a)]], feats[pos[int(b)]], verify, mirror) for a, b in pairs]
+    seconds = {"quantizer": round(t1 - t0, 3), "search": round(t2 - t1, 3), "verify": round(time.perf_counter() - t2, 3)}
+    return CopySearch(pairs, verdicts, stored, 1 if centroids is None else len(centroids), seconds)

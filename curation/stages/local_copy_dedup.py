@@ -28,20 +28,10 @@ from pydantic import Field
 
 from curation import schema
 from curation.dedup.components import connected_components
-from curation.dedup.geometry import VerifySettings, verify_pair
+from curation.dedup.geometry import VerifySettings
 from curation.dedup.groups import duplicate_drops, rows_of
 from curation.dedup.local_features import column_features
-from curation.dedup.local_search import (
-    CandidateSearch,
-    assign_lists,
-    fit_lists,
-    points_of,
-    proposals,
-    search_all,
-    train_mask,
-    train_rate,
-    unique_pairs,
-)
+from curation.dedup.local_search import CandidateSearch, find_copies
 from curation.dedup.local_steps import DirectVerdicts, PairVerification, candidate_steps, verification_summary
 from curation.dedup.settings import DedupStageConfig
 from curation.partitioned.keepers import duplicate_keep, keep_step, members_step
@@ -72,47 +62,29 @@ class LocalCopyDedupStage(GlobalStage):
 
     def run(self, table: pa.Table) -> GlobalResult:
         cfg, t0 = self.config, time.perf_counter()
-        s = cfg.search
         feats_all = column_features(table.column(cfg.features))
         has = np.array([f is not None for f in feats_all], bool)
         rows = rows_of(table, has)
         feats = [f for f in feats_all if f is not None]
-        p = points_of(rows.uid, feats, s.max_keypoints, cfg.mirror)
-        stored = int((~p.mirrored).sum())
-        sample = p.take(train_mask(p, train_rate(table.num_rows, s), self.context.seed))
-        centroids = fit_lists(sample, stored, s, self.context.seed, cfg.gpu)
-        lists = assign_lists(p, centroids, s.list_probe, cfg.gpu)
-        t_search = time.perf_counter()
-        q, n, _ = proposals(search_all(p, lists, s), s)
-        pairs = unique_pairs(q, n)
-        t_verify = time.perf_counter()
-        pos = {int(u): i for i, u in enumerate(rows.uid)}
-        verdicts = [verify_pair(feats[pos[int(a)]], feats[pos[int(b)]], cfg.verify, cfg.mirror) for a, b in pairs]
-        ok = np.array([v.ok for v in verdicts], bool)
-        edges = pairs[ok] if len(pairs) else pairs
-        index = np.searchsorted(rows.uid, edges.reshape(-1)).reshape(-1, 2) if len(edges) else np.zeros((0, 2), np.int64)
-        labels = connected_components(len(rows), index[:, 0], index[:, 1])
+        found = find_copies(rows.uid, feats, table.num_rows, cfg.search, cfg.verify, cfg.mirror, self.context.seed, cfg.gpu)
+        edges = np.searchsorted(rows.uid, found.edges.reshape(-1)).reshape(-1, 2)
+        labels = connected_components(len(rows), edges[:, 0], edges[:, 1])
         direct = DirectVerdicts(cfg.verify, cfg.mirror)
         drops, groups = duplicate_drops(rows, labels, cfg.reason, "inliers", lambda d, k: direct.inliers(feats, rows.uid, d, k))
-        rejected: dict[str, int] = {}
-        for v in verdicts:
-            if not v.ok:
-                rejected[v.reason] = rejected.get(v.reason, 0) + 1
         summary = {
             "rows": len(rows),
             "too_few_keypoints": int((~has).sum()),
-            "descriptors": stored,
-            "lists": 1 if centroids is None else len(centroids),
-            "candidate_pairs": len(pairs),
-            "verified_pairs": len(pairs),
-            "edges_geometric": int(ok.sum()),
+            "descriptors": found.descriptors,
+            "lists": found.lists,
+            "candidate_pairs": len(found.pairs),
+            "verified_pairs": len(found.pairs),
+            "edges_geometric": len(edges),
             "edges_similarity": 0,
-            "rejected": dict(sorted(rejected.items())),
+            "rejected": found.rejected(),
             "components": groups["groups"],
             "dropped": groups["dropped"],
             "largest_group": groups["largest_group"],
-            "search_seconds": round(t_verify - t_search, 3),
-            "verify_seconds": round(time.perf_counter() - t_verify, 3),
+            **{f"{k}_seconds": v for k, v in found.seconds.items()},
             "seconds": round(time.perf_counter() - t0, 3),
         }
         return GlobalResult(direct.enrich(drops), summary=summary)
