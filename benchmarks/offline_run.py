@@ -131,7 +131,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "unplanted_drops"}, indent=1))
     for o in others:
         print(f"  unplanted drop: {o['file']} -> kept {o['kept']} ({o['stage']}: {o['reason']})")
-    print(f"wrote {write_result('offline_run', report, args.out)}")
+    write_result("offline_run", report, args.out)
 
 
 if __name__ == "__main__":
