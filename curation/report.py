@@ -182,7 +182,7 @@ def funnel_section(run: RunData) -> str:
     return section("funnel", "Funnel: images per stage, drops by reason", "".join(parts) + legend + drops, "")
 
 
-DUPLICATE_SCORES = ("similarity", "hamming_distance")
+DUPLICATE_SCORES = ("similarity", "hamming_distance", "inliers")
 
 
 def duplicates_section(run: RunData, images: Images, clusters: int, per_cluster: int) -> str:
