@@ -54,7 +54,7 @@ _PAIR_SALT, _QUERY_SALT, _LIST_SALT = 0x9A1, 0x7E1, 0x115
 
 
 # -- pair verification (shared with copy_dedup) --------------------------------------------------
-def pair_requests(lo: np.ndarray, hi: np.ndarray, score: np.ndarray, check: np.ndarray, ctx: TaskContext, dataset: str = "requests") -> pa.Table:
+def pair_requests(lo: np.ndarray, hi: np.ndarray, score: np.ndarray, check: np.ndarray, ctx: TaskContext) -> pa.Table:
     """Rows asking the ship step for features: one per image of each pair to ``check``, one (for
     the smaller uid only, no features needed) per pair accepted already."""
     uid = np.concatenate([lo, hi[check]])
