@@ -6,10 +6,12 @@ The pool is a temporary folder (never the repository): ``--photos`` real photos 
 transformations of benchmarks/dedup_quality.py, in rotation). The run is the real command line
 (``curate run --pool FOLDER --config offline``), on local Ray. Then, from the ledger:
 
-* planted copies dropped, and how many of those drops name a member of their own group as the
-  kept image (``kept_source_key``), by stage and transformation;
-* unplanted photos dropped, by stage and reason, with their kept image (true duplicates inside
-  ../shared/data, or false drops: listed so that a reader can check them);
+* planted groups (an original and its copies) collapsed to one image, every other member
+  dropped naming a member of its group as the kept image (``kept_source_key``; the keep rule
+  keeps the largest, so a padded or screenshotted copy may be kept in place of its original),
+  by stage and transformation; images too small for ``decode`` after a crop and rescale;
+* every other drop that names a kept image (true duplicates inside ../shared/data, or false
+  drops: listed so that a reader can check them);
 * the run's wall time and the manifest's warnings (NSFW NOT applied).
 
     .venv/bin/python benchmarks/offline_run.py --photos 1500 --originals 100
@@ -74,10 +76,12 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--keep", type=Path, default=None, help="write the pool and the run here instead of a temporary folder")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="offline_run_") as tmp:
-        pool, run = Path(tmp) / "pool", Path(tmp) / "run"
-        pool.mkdir()
+        base = args.keep or Path(tmp)
+        pool, run = base / "pool", base / "run"
+        pool.mkdir(parents=True)
         truth = plant(pool, args.photos, args.originals, args.copies, args.seed)
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "curation.cli", "run", "--pool", str(pool), "--out", str(run), "--config", "offline"]
@@ -88,49 +92,67 @@ def main() -> None:
         manifest = json.loads((run / "manifest.json").read_text())
         rows = ledger_rows(run)
     by_file = {r["source_key"].rsplit("/", 1)[-1]: r for r in rows}
-    planted = {f: v for f, v in truth.items() if v["transform"] not in ("original", "photo")}
-    found, named, by_transform = Counter(), Counter(), defaultdict(Counter)
-    for f, v in planted.items():
+
+    def kept_of(f: str) -> str | None:
+        """The file kept in place of ``f`` (None: kept, or dropped without a representative)."""
         r = by_file[f]
-        dropped = r["decision"] == "dropped"
-        kept = json.loads(r["details"]).get("kept_source_key", "") if dropped and r["details"] else ""
-        own = dropped and truth.get(kept.rsplit("/", 1)[-1], {}).get("group") == v["group"]
-        by_transform[v["transform"]]["copies"] += 1
-        by_transform[v["transform"]]["dropped"] += dropped
-        by_transform[v["transform"]]["names_its_group"] += own
-        if dropped:
-            found[r["stage"]] += 1
-            named[r["stage"]] += own
+        if r["decision"] != "dropped" or not r["details"]:
+            return None
+        kept = json.loads(r["details"]).get("kept_source_key")
+        return kept.rsplit("/", 1)[-1] if kept else None
+
+    # A planted group (original + copies) is found when all but one of its members are dropped
+    # naming a member of the group: which one is kept is the keep rule's choice (a padded or
+    # screenshotted copy is larger than its original, so it is the one kept).
+    members = defaultdict(list)
+    for f, v in truth.items():
+        if v["transform"] != "photo":
+            members[v["group"]].append(f)
+    by_transform, found_by_stage = defaultdict(Counter), Counter()
+    groups_collapsed = 0
+    for g, files in members.items():
+        in_group = {f for f in files if kept_of(f) in files}
+        groups_collapsed += len(in_group) == len(files) - 1
+        for f in files:
+            t = truth[f]["transform"]
+            by_transform[t]["images"] += 1
+            by_transform[t]["dropped_naming_its_group"] += f in in_group
+            by_transform[t]["kept_for_its_group"] += any(kept_of(o) == f for o in files)
+            by_transform[t]["dropped_by_decode"] += by_file[f]["stage"] == "decode" and by_file[f]["decision"] == "dropped"
+            if f in in_group:
+                found_by_stage[by_file[f]["stage"]] += 1
+    explained = {x for fs in members.values() for x in fs if kept_of(x) in fs}
     others = []
     for f, v in truth.items():
         r = by_file[f]
-        if v["transform"] in ("original", "photo") and r["decision"] == "dropped":
-            kept = json.loads(r["details"]).get("kept_source_key", "") if r["details"] else ""
-            kept_name = kept.rsplit("/", 1)[-1]
-            others.append({"file": v["source"], "stage": r["stage"], "reason": r["reason"],
-                           "kept": truth.get(kept_name, {}).get("source", kept_name),
-                           "kept_in_same_planted_group": truth.get(kept_name, {}).get("group") == v["group"]})
+        if r["decision"] != "dropped" or f in explained:
+            continue
+        if v["transform"] == "photo" or kept_of(f) is not None:
+            kept = kept_of(f) or ""
+            others.append({"file": v.get("source", f), "planted": v["transform"] != "photo", "stage": r["stage"], "reason": r["reason"],
+                           "kept": truth.get(kept, {}).get("source", kept)})
     report = {
         "benchmark": "offline_run",
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "command": "curate run --pool POOL --out RUN --config offline",
         "images": len(truth),
-        "planted_copies": len(planted),
-        "planted_dropped": int(sum(found.values())),
-        "planted_dropped_naming_their_group": int(sum(named.values())),
-        "planted_dropped_by_stage": dict(found),
+        "planted_groups": len(members),
+        "planted_copies": sum(len(v) - 1 for v in members.values()),
+        "planted_groups_collapsed_to_one_image": groups_collapsed,
+        "planted_dropped_naming_their_group": int(sum(found_by_stage.values())),
+        "planted_dropped_naming_their_group_by_stage": dict(found_by_stage),
         "by_transform": {t: dict(c) for t, c in sorted(by_transform.items())},
-        "unplanted_dropped": len(others),
-        "unplanted_dropped_by_reason": dict(Counter(o["reason"] for o in others)),
-        "unplanted_drops": others,
+        "other_drops_naming_another_image": len(others),
+        "other_drops_by_reason": dict(Counter(o["reason"] for o in others)),
+        "other_drops": others,
         "counts": manifest["counts"],
         "warnings": manifest["warnings"],
         "wall_seconds": round(wall, 1),
         "images_per_second": round(len(truth) / wall, 2),
     }
-    print(json.dumps({k: v for k, v in report.items() if k != "unplanted_drops"}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "other_drops"}, indent=1))
     for o in others:
-        print(f"  unplanted drop: {o['file']} -> kept {o['kept']} ({o['stage']}: {o['reason']})")
+        print(f"  other drop: {o['file']} -> kept {o['kept']} ({o['stage']}: {o['reason']})")
     write_result("offline_run", report, args.out)
 
 
