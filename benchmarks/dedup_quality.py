@@ -2,9 +2,12 @@
 
 Builds a labelled set in a temporary folder (never in the repository): ``--originals`` real
 photos from ../shared/data, ``--copies`` transformed copies of each (low-quality JPEG, resize,
-crops of 50-90%, flips, small rotations, colour jitter, grayscale, text and emoji-like overlays,
-borders/padding, screenshot-like composition, a chain of several), and ``--distractors`` other
-real photos. Ground truth: every pair of images made from the same original is a duplicate pair.
+crops of 50-90%, flips, rotations up to 15 degrees, colour jitter, grayscale, text and emoji-like
+overlays, borders/padding, screenshot-like composition, a crop rescaled and re-encoded),
+``--distractors`` other real photos, and ``--hard-negatives`` real photos in pairs of one class
+(two T-shirts on one bedspread, two stop signs, two photos of a dollar bill: the same kind of
+object or scene, different photos), each its own group. Ground truth: every pair of images made
+from the same original is a duplicate pair; a link between two hard negatives is a false one.
 
 Each method produces duplicate edges; the pipeline removes whole connected components, so the
 headline figures are over *group pairs* (two images in one component); direct-edge figures are
@@ -22,9 +25,17 @@ Methods:
   descriptor (``pca_hash``) and the k-NN cosine graph on the pixel descriptor (``copy_dedup``
   machinery with a weights-free descriptor). The pixel descriptor is a 32x32 grey BOX thumbnail,
   mean-centred and L2-normalised, as ``embedders.pixels`` defines it.
+* ours, local features (``local_features`` + ``local_copy_dedup`` at their defaults: RootSIFT,
+  descriptor k-NN votes, RANSAC and a pixel check), and the weight-free ``offline`` pipeline
+  (phash_dedup default + local_copy_dedup), through ``benchmarks/dedup_local.py``.
 * imagededup 0.3 PHash / DHash / WHash / AHash ``find_duplicates`` (its own hashing and
   thresholds: default ``max_distance_threshold=10``, plus a sweep).
 SSCD or any learned copy-detection model is NOT run here: no weights can be downloaded offline.
+
+Cost, in the same run: CPU milliseconds per image for each method's features (decode included;
+one thread), and for local features the search per image and the verification per candidate
+pair. Per result: ``precision_by_transform``, and the distractors and hard negatives the keep
+rule would drop.
 
     .venv/bin/python benchmarks/dedup_quality.py --quick
     .venv/bin/python benchmarks/dedup_quality.py --originals 300 --distractors 1500
@@ -40,6 +51,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,6 +72,7 @@ from curation.imaging import decode_rgb  # noqa: E402
 from curation.stages.phash import image_hash  # noqa: E402
 from curation.stages.phash_dedup import PhashDedupConfig  # noqa: E402
 from common import device_name, git_commit  # noqa: E402  (benchmarks/ is on sys.path)
+from dedup_local import cpu_seconds, drop_counts, local_features_of, local_methods, precision_by_transform  # noqa: E402
 
 
 # -- transformations -----------------------------------------------------------------------
@@ -89,6 +102,11 @@ def _flip(img, rng):
 
 def _rotate(img, rng):
     angle = rng.choice([-1, 1]) * rng.uniform(3, 12)
+    return img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False, fillcolor=(0, 0, 0))
+
+
+def _rotate_more(img, rng):
+    angle = rng.choice([-1, 1]) * rng.uniform(12, 15)
     return img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False, fillcolor=(0, 0, 0))
 
 
@@ -175,6 +193,7 @@ TRANSFORMS: dict[str, Callable] = {
     "crop_50_90": _crop,
     "hflip": _flip,
     "rotate_3_12": _rotate,
+    "rotate_12_15": _rotate_more,
     "colour_jitter": _jitter,
     "grayscale": _gray,
     "text_overlay": _text,
@@ -200,7 +219,13 @@ def real_photos() -> list[Path]:
     return unique
 
 
-def build_set(folder: Path, originals: int, copies: int, distractors: int, seed: int) -> list[dict]:
+def _save(img: Image.Image, path: Path, quality: int) -> int:
+    img = img.convert("RGB")
+    img.save(path, "JPEG", quality=quality)
+    return img.width * img.height
+
+
+def build_set(folder: Path, originals: int, copies: int, distractors: int, seed: int, hard_negatives: int = 0) -> list[dict]:
     rng = random.Random(seed)
     photos = real_photos()
     rng.shuffle(photos)
@@ -214,20 +239,23 @@ def build_set(folder: Path, originals: int, copies: int, distractors: int, seed:
         if max(img.size) > 640:  # keep the set light; copies are made from this
             img.thumbnail((640, 640), Image.Resampling.LANCZOS)
         name = f"o{gi:04d}.jpg"
-        img.save(folder / name, "JPEG", quality=95)
-        items.append({"file": name, "group": gi, "transform": "original"})
+        items.append({"file": name, "group": gi, "transform": "original", "area": _save(img, folder / name, 95), "source": str(path)})
         for c in range(copies):
             tname = names[t % len(names)]
             t += 1
             out = TRANSFORMS[tname](img, rng)
             cname = f"c{gi:04d}_{c}.jpg"
-            out.convert("RGB").save(folder / cname, "JPEG", quality=90)
-            items.append({"file": cname, "group": gi, "transform": tname})
+            items.append({"file": cname, "group": gi, "transform": tname, "area": _save(out, folder / cname, 90)})
     for di, path in enumerate(photos[originals : originals + distractors]):
-        img = decode_rgb(path.read_bytes())
         name = f"d{di:05d}.jpg"
-        img.save(folder / name, "JPEG", quality=95)
-        items.append({"file": name, "group": originals + di, "transform": "distractor"})
+        area = _save(decode_rgb(path.read_bytes()), folder / name, 95)
+        items.append({"file": name, "group": originals + di, "transform": "distractor", "area": area, "source": str(path)})
+    from dedup_local import hard_negative_photos
+
+    for hi, path in enumerate(hard_negative_photos(photos[originals + distractors :], hard_negatives, rng)):
+        name = f"h{hi:05d}.jpg"
+        area = _save(decode_rgb(path.read_bytes()), folder / name, 95)
+        items.append({"file": name, "group": originals + distractors + hi, "transform": "hard_negative", "area": area, "source": str(path)})
     return items
 
 
@@ -237,20 +265,40 @@ def pixel_descriptor(img: Image.Image, size: int = 32) -> np.ndarray:
     return a - a.mean()
 
 
-def compute_features(folder: Path, items: list[dict]) -> tuple[dict, float]:
+def compute_features(folder: Path, items: list[dict]) -> tuple[dict, float, dict]:
+    """Features, wall seconds, and CPU seconds per part (decode, each hash, mirror, pixels)."""
     t0 = time.perf_counter()
     feats: dict[str, list] = {"phash": [], "dhash": [], "whash": [], "phash_flip": [], "dhash_flip": [], "pixels": []}
+    cpu: dict[str, float] = defaultdict(float)
+
+    def timed(part: str, fn, *args):
+        c = time.process_time()
+        out = fn(*args)
+        cpu[part] += time.process_time() - c
+        return out
+
     for it in items:
-        img = decode_rgb((folder / it["file"]).read_bytes())
+        img = timed("decode", decode_rgb, (folder / it["file"]).read_bytes())
         for m in ("phash", "dhash", "whash"):
-            feats[m].append(image_hash(img, m))
-        mirrored = ImageOps.mirror(img)
-        feats["phash_flip"].append(image_hash(mirrored, "phash"))
-        feats["dhash_flip"].append(image_hash(mirrored, "dhash"))
-        feats["pixels"].append(pixel_descriptor(img))
+            feats[m].append(timed(m, image_hash, img, m))
+        mirrored = timed("mirror", ImageOps.mirror, img)
+        feats["phash_flip"].append(timed("phash_flip", image_hash, mirrored, "phash"))
+        feats["dhash_flip"].append(timed("dhash_flip", image_hash, mirrored, "dhash"))
+        feats["pixels"].append(timed("pixels", pixel_descriptor, img))
     out = {m: np.array(v, np.uint64) for m, v in feats.items() if m != "pixels"}
     out["pixels"] = normalize_rows(np.stack(feats["pixels"]))
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, dict(cpu)
+
+
+def feature_cpu_ms(family: str, cpu: dict, n: int) -> float:
+    """CPU ms per image of the features a method family needs, decode included."""
+    parts = {
+        "phash": ["phash"], "dhash": ["dhash"], "whash": ["whash"],
+        "phash+flip": ["phash", "mirror", "phash_flip"], "dhash+flip": ["dhash", "mirror", "dhash_flip"],
+        "hash-union": ["phash", "dhash", "mirror", "phash_flip", "dhash_flip"],
+        "pca_hash": ["pixels"], "knn-pixels": ["pixels"],
+    }[family]
+    return round(1000 * (cpu.get("decode", 0.0) + sum(cpu.get(p, 0.0) for p in parts)) / max(1, n), 3)
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -285,7 +333,7 @@ def evaluate(name: str, n: int, src, dst, items, truth, seconds: float, family: 
     per_transform: dict[str, list[int]] = {}
     originals = {it["group"]: i for i, it in enumerate(items) if it["transform"] == "original"}
     for i, it in enumerate(items):
-        if it["transform"] in ("original", "distractor"):
+        if it["transform"] in ("original", "distractor", "hard_negative"):
             continue
         hit = labels[i] == labels[originals[it["group"]]]
         per_transform.setdefault(it["transform"], []).append(int(hit))
@@ -297,6 +345,8 @@ def evaluate(name: str, n: int, src, dst, items, truth, seconds: float, family: 
         "edges": scores(labelled(edges), truth),
         "groups_all_pairs": scores(grouped, truth),
         "recall_by_transform": {t: round(float(np.mean(v)), 4) for t, v in sorted(per_transform.items())},
+        "precision_by_transform": precision_by_transform(labelled(grouped), truth, items),
+        **drop_counts(n, src, dst, items),
         "seconds": round(seconds, 3),
     }
 
@@ -306,7 +356,7 @@ def hash_edges(values: np.ndarray, radius: int):
     return i, j
 
 
-def our_methods(feats: dict, items: list[dict], truth: set, feature_seconds: float) -> list[dict]:
+def our_methods(feats: dict, items: list[dict], truth: set, feature_seconds: float, feature_cpu: dict) -> list[dict]:
     n = len(items)
     out = []
     default = PhashDedupConfig(kind="phash_dedup")
@@ -342,6 +392,7 @@ def our_methods(feats: dict, items: list[dict], truth: set, feature_seconds: flo
         out.append(evaluate(f"ours knn cos>{thr} pixels", n, g.src, g.dst, items, truth, time.perf_counter() - t0, "knn-pixels", {"k": 64, "threshold": thr}))
     for o in out:
         o["feature_seconds"] = round(feature_seconds, 2)
+        o["cpu_ms_per_image"] = feature_cpu_ms(o["family"], feature_cpu, n)
     return out
 
 
@@ -354,9 +405,9 @@ def imagededup_methods(folder: Path, items: list[dict], truth: set, thresholds: 
     out = []
     for cls in (PHash, DHash, WHash, AHash):
         hasher = cls(verbose=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         enc = hasher.encode_images(image_dir=str(folder), num_enc_workers=1)
-        enc_s = time.perf_counter() - t0
+        enc_s, enc_cpu = time.perf_counter() - t0, cpu_seconds() - c0
         for thr in thresholds:
             t0 = time.perf_counter()
             dups = hasher.find_duplicates(encoding_map=enc, max_distance_threshold=thr, num_dist_workers=1)
@@ -368,6 +419,7 @@ def imagededup_methods(folder: Path, items: list[dict], truth: set, thresholds: 
             label = f"imagededup {cls.__name__} t<={thr}" + (" (default)" if thr == 10 else "")
             r = evaluate(label, len(items), src, dst, items, truth, time.perf_counter() - t0, f"imagededup-{cls.__name__}", {"max_distance_threshold": thr})
             r["feature_seconds"] = round(enc_s, 2)
+            r["cpu_ms_per_image"] = round(1000 * enc_cpu / len(items), 3)
             out.append(r)
     return out, None
 
@@ -392,28 +444,61 @@ def print_transforms(results: list[dict], names: list[str]) -> None:
             print(f"{r['method']:44s} " + " ".join(f"{r['recall_by_transform'].get(t, float('nan')):8.3f}" for t in transforms))
 
 
+CROPS_PADDING_ROTATIONS = ("crop_50_90", "crop+resize+jpeg", "border_padding", "rotate_3_12", "rotate_12_15")
+
+
+def done_when(r: dict) -> dict:
+    """The offline pipeline's figures next to the targets of the local-features issue."""
+    rec = r["recall_by_transform"]
+    weakest = min(CROPS_PADDING_ROTATIONS, key=lambda t: rec.get(t, 0.0))
+    return {
+        "precision": r["groups"]["precision"], "precision_target": 0.99,
+        "recall_overall": r["groups"]["recall"], "recall_overall_target": 0.8,
+        "recall_crops_padding_rotations_min": rec.get(weakest), "weakest_of_those": weakest, "recall_crops_padding_rotations_target": 0.9,
+        "distractors_dropped_fraction": r["distractors_dropped_fraction"], "distractors_dropped_target": 0.005,
+        "hard_negatives_dropped_fraction": r["hard_negatives_dropped_fraction"],
+        "local_feature_cpu_ms_per_image": r["cpu_ms_per_image"], "local_feature_cpu_ms_target": 50,
+    }
+
+
+def print_costs(results: list[dict]) -> None:
+    print(f"\n{'method':44s} {'CPU-ms/img':>10s} {'search ms/img':>13s} {'verify ms/pair':>14s} {'distr. dropped':>14s} {'hard neg.':>9s}")
+    for r in results:
+        if r["family"] in ("phash+flip", "local-features", "offline-pipeline") or r["config"].get("max_distance_threshold") == 10:
+            print(f"{r['method'][:44]:44s} {r.get('cpu_ms_per_image', float('nan')):10.2f} {r.get('search_cpu_ms_per_image', float('nan')):13.2f} "
+                  f"{r.get('verify_cpu_ms_per_pair', float('nan')):14.3f} {r['distractors_dropped']:14d} {r['hard_negatives_dropped']:9d}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="60 originals, 300 distractors")
     ap.add_argument("--originals", type=int, default=None)
     ap.add_argument("--copies", type=int, default=4, help="transformed copies per original (transformations in rotation)")
     ap.add_argument("--distractors", type=int, default=None)
+    ap.add_argument("--hard-negatives", type=int, default=None, help="real photos in same-class pairs, each its own group (default 200; quick 40)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--thresholds", type=int, nargs="*", default=[4, 6, 8, 10, 12], help="imagededup max_distance_threshold sweep")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     originals = args.originals or (60 if args.quick else 300)
     distractors = args.distractors if args.distractors is not None else (300 if args.quick else 1500)
+    hard = args.hard_negatives if args.hard_negatives is not None else (40 if args.quick else 200)
 
     with tempfile.TemporaryDirectory(prefix="dedup_quality_") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        items = build_set(folder, originals, args.copies, distractors, args.seed)
-        print(f"built {len(items)} images ({originals} originals x {args.copies} copies + {distractors} distractors) in {time.perf_counter() - t0:.1f} s")
+        items = build_set(folder, originals, args.copies, distractors, args.seed, hard)
+        print(f"built {len(items)} images ({originals} originals x {args.copies} copies + {distractors} distractors"
+              f" + {hard} hard negatives) in {time.perf_counter() - t0:.1f} s")
         truth = pairs_of_groups(np.array([it["group"] for it in items]))
-        feats, feat_s = compute_features(folder, items)
+        feats, feat_s, feat_cpu = compute_features(folder, items)
         print(f"our features (3 hashes + flipped pHash/dHash + pixel descriptor): {feat_s:.1f} s")
-        ours = our_methods(feats, items, truth, feat_s)
+        ours = our_methods(feats, items, truth, feat_s, feat_cpu)
+        local_feats, local_cpu = local_features_of(folder, items)
+        print(f"local features (local_features stage defaults): {1000 * local_cpu / len(items):.1f} CPU-ms per image")
+        n = len(items)
+        pi, pj = hash_edges(np.concatenate([feats["phash"], feats["phash_flip"]]), PhashDedupConfig(kind="phash_dedup").radius)
+        ours += local_methods(local_feats, items, truth, (pi % n, pj % n), local_cpu, evaluate)
         theirs, missing = imagededup_methods(folder, items, truth, args.thresholds)
         if missing:
             print(missing)
@@ -422,7 +507,10 @@ def main() -> None:
     best_theirs = max((r for r in theirs if r["config"]["max_distance_threshold"] == 10), key=lambda r: r["groups"]["f1"], default=None)
     default = next(r for r in ours if "(phash_dedup default)" in r["method"])
     best_ours = max((r for r in ours if r["groups"]["precision"] >= 0.99), key=lambda r: r["groups"]["recall"], default=None)
+    local = next(r for r in ours if r["family"] == "local-features")
+    offline = next(r for r in ours if r["family"] == "offline-pipeline")
     highlight = [default["method"]] + ([best_ours["method"]] if best_ours else []) + ([best_theirs["method"]] if best_theirs else [])
+    highlight += [r["method"] for r in (local, offline) if r["method"] not in highlight]
     print_transforms(results, highlight)
     report = {
         "benchmark": "dedup_quality",
@@ -440,8 +528,14 @@ def main() -> None:
         "best_ours_at_precision_0.99": best_ours and best_ours["method"],
         "best_imagededup_default_threshold": best_theirs and best_theirs["method"],
         "recall_ratio_default_vs_best_imagededup": round(default["groups"]["recall"] / best_theirs["groups"]["recall"], 4) if best_theirs and best_theirs["groups"]["recall"] else None,
+        "hard_negatives": hard,
+        "local_features_method": local["method"],
+        "offline_pipeline_method": offline["method"],
+        "offline_pipeline_done_when": done_when(offline),
         "results": results,
     }
+    print_costs(results)
+    print("\noffline pipeline against the issue's figures:", json.dumps(report["offline_pipeline_done_when"], indent=1))
     if best_theirs:
         print(f"\ndefault ({default['method']}): precision {default['groups']['precision']}, recall {default['groups']['recall']}; "
               f"best imagededup at its default threshold ({best_theirs['method']}): precision {best_theirs['groups']['precision']}, recall {best_theirs['groups']['recall']}")
@@ -450,7 +544,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"dedup_quality-{report['device']}{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
 
 if __name__ == "__main__":

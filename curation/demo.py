@@ -3,7 +3,7 @@
 Nothing is downloaded: images are drawn procedurally (five seed "classes" of patterns plus
 unrelated distractors), a threaded HTTP server on loopback plays the web (with 404s, a flaky
 host, an HTML page and a truncated body), and a local folder adds planted exact duplicates,
-near duplicates, corrupt, zero-byte and odd-mode files. Every fault must end in the ledger.
+near duplicates, crops, corrupt, zero-byte and odd-mode files. Every fault must end in the ledger.
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ def generate(root: Path, seed: int = 0, pool_size: int = 240) -> dict:
         src = Image.open(crawl / names[i])
         (local / f"copy_{i}.jpg").write_bytes((crawl / names[i]).read_bytes())
         (local / f"resized_{i}.jpg").write_bytes(_jpeg(src.resize((128, 128)), quality=60))
+    for i in (30, 36, 39, 45):  # crops of distractors (random lines, enough keypoints): no perceptual hash sees them
+        src = Image.open(crawl / names[i])
+        (local / f"crop_{i}.jpg").write_bytes(_jpeg(src.crop((20, 12, 140, 132)).resize((136, 136)), quality=80))
     Image.open(crawl / names[20]).convert("CMYK").save(local / "cmyk.jpg")
     Image.open(crawl / names[21]).convert("P", palette=Image.Palette.ADAPTIVE).save(local / "palette.png")
     rgba = Image.open(crawl / names[22]).convert("RGBA")

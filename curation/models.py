@@ -130,6 +130,7 @@ class ModelNeed:
     entry: str | None  # the registry name that `curate models fetch` installs, if any
     problem: str | None  # why it cannot be loaded now; None when present
     offline: str = ""  # how to provide it without network on this machine
+    skippable: bool = False  # the stage runs NOT applied when it is missing (e.g. nsfw `if_missing: skip`)
 
     @property
     def present(self) -> bool:
@@ -250,6 +251,11 @@ def check_pipeline(
         missing = [n for n in pipeline_needs(cfg) if not n.present]
     if not missing:
         return notes
+    skipped = [n for n in missing if n.skippable]
+    notes += [f"stage {n.stage!r} will run NOT applied (its config says so when weights are missing): {n.problem}" for n in skipped]
+    missing = [n for n in missing if not n.skippable]
+    if not missing:
+        return notes
     blocked: list[str] = []
     not_applied: list[str] = []
     for n in missing:
@@ -311,5 +317,8 @@ def missing_report(missing: list[ModelNeed], notes: list[str], blocked: list[str
         "Or run without them: --allow-missing-weights runs these stages NOT applied (the manifest and summary say so), "
         "or disable a stage with --set stages.NAME.enabled=false."
     )
+    from curation.stage import WEIGHT_FREE_HINT
+
+    lines.append(WEIGHT_FREE_HINT)
     lines += blocked
     return "\n".join(lines)

@@ -207,10 +207,11 @@ PROVENANCE = {
 
 def dataset_columns(view: ShardView, shard: int) -> list[str]:
     """Every column worth shipping: base + provenance + scalar stage outputs. Descriptors and
-    embeddings (fixed-size lists) stay in their stage directories and are never read here."""
+    embeddings (fixed-size lists) and local features (structs) stay in their stage directories
+    and are never read here."""
     return [
         c for c, typ in view.column_types(shard).items()
-        if c not in (schema.DROP_REASON, schema.DROP_DETAILS) and not pa.types.is_fixed_size_list(typ)
+        if c not in (schema.DROP_REASON, schema.DROP_DETAILS) and not (pa.types.is_fixed_size_list(typ) or pa.types.is_struct(typ))
     ]
 
 

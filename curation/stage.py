@@ -179,6 +179,11 @@ class OptionalWeights:
     def missing_weights_help(self, problem: str) -> str:
         return f"stage {self.name!r}: {problem}"
 
+    @property
+    def may_skip(self) -> bool:
+        """Whether missing weights let the run go on with this stage NOT applied."""
+        return bool(self.context.allow_missing_weights)
+
     def not_applied_warning(self, problem: str) -> str:
         return f"{self.not_applied_what()} was NOT applied: {problem} (the run was started with --allow-missing-weights)"
 
@@ -186,14 +191,14 @@ class OptionalWeights:
         problem = self.weights_problem()
         if problem is None:
             return []
-        if self.context.allow_missing_weights:
+        if self.may_skip:
             return [self.not_applied_warning(problem)]
         raise StageError(self.missing_weights_help(problem))
 
     def not_applied_section(self) -> dict[str, Any] | None:
         """The manifest section of a stage that runs NOT applied, else None."""
         problem = self.weights_problem()
-        if problem is not None and self.context.allow_missing_weights:
+        if problem is not None and self.may_skip:
             return {"applied": False, "warning": self.not_applied_warning(problem)}
         return None
 
@@ -243,6 +248,13 @@ class GlobalStage(Stage):
 
 class StageError(RuntimeError):
     """A configuration or environment problem that stops a run before work starts."""
+
+
+# Appended to every missing-weights refusal: the pipeline that needs none.
+WEIGHT_FREE_HINT = (
+    "To run with no downloaded weights at all, use the weight-free pipeline: --config offline "
+    "(perceptual hashes, local-feature copy detection, face blurring; NSFW filtering reported as NOT applied)."
+)
 
 
 DROPS_SCHEMA = pa.schema(

@@ -15,7 +15,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_bundled_pipelines_load():
-    for name in ("lvd", "demo", "smoke"):
+    for name in ("lvd", "offline", "demo", "smoke"):
         cfg = load_config(name)
         assert cfg.stages, name
         assert cfg.enabled_stages()[0].kind == "decode"

@@ -16,10 +16,11 @@ def test_demo_runs_and_explains_every_drop(tmp_path, ray_local):
     m = json.loads((run / "manifest.json").read_text())
     c = m["counts"]
     assert c["input"] == c["kept"] + sum(c["dropped"].values()) and c["kept"] > 0
-    fate = {}
+    fate, details = {}, {}
     for p in (run / "ledger").rglob("*.parquet"):
         for r in pq.read_table(p).to_pylist():
             fate.setdefault(r["source_key"].rsplit("/", 1)[-1], []).append(r["reason"])
+            details[r["source_key"].rsplit("/", 1)[-1]] = r["details"]
 
     def reasons(name):
         return set(fate[name])
@@ -35,7 +36,10 @@ def test_demo_runs_and_explains_every_drop(tmp_path, ray_local):
     assert reasons("notes.txt") == {"not_image"}
     for i in range(10):  # planted copies: byte-identical, and resized + re-encoded
         assert reasons(f"copy_{i}.jpg") == {"exact_duplicate"}
-        assert reasons(f"resized_{i}.jpg") <= {"phash_duplicate", "pca_hash_duplicate", "near_duplicate"}
+        assert reasons(f"resized_{i}.jpg") <= {"phash_duplicate", "local_copy_duplicate"}
+    for i in (30, 36, 39, 45):  # crops: found by local features, with their original named
+        assert reasons(f"crop_{i}.jpg") == {"local_copy_duplicate"}
+        assert json.loads(details[f"crop_{i}.jpg"])["kept_source_key"].endswith(f"img_{i:04d}.jpg")
     # The same URL listed twice is fetched twice and deduplicated by content.
     assert len(fate["img_0000.jpg"]) == 2 and "exact_duplicate" in fate["img_0000.jpg"]
     assert m["stage_reports"]["nsfw"]["applied"] is False

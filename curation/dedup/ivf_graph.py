@@ -94,8 +94,11 @@ def _read_triples(part) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return t.column("q").to_numpy(), t.column("nbr").to_numpy(), t.column("sim").to_numpy()
 
 
-def knn_graph_steps(descriptor: str, k: int, threshold: float, settings, seed: int) -> list:
-    """Steps from descriptors to ``components/labels`` (plus the recall facts)."""
+def knn_graph_steps(descriptor: str, k: int, threshold: float, settings, seed: int, accept_above: float | None = None) -> list:
+    """Steps from descriptors to ``components/labels`` (plus the recall facts). With
+    ``accept_above`` (copy_dedup's ambiguous band), the merge writes ``merge/requests`` instead:
+    pairs above it accepted, the others (above ``threshold``) to verify; the caller adds the
+    verification and components steps."""
 
     def sample(table: pa.Table, ctx: TaskContext) -> dict:
         uids, x, _ = _vectors(table, descriptor)
@@ -187,6 +190,8 @@ def knn_graph_steps(descriptor: str, k: int, threshold: float, settings, seed: i
         lo, hi = np.minimum(q, nbr), np.maximum(q, nbr)
         pairs = np.unique(np.stack([lo, hi], 1), axis=0) if len(lo) else np.zeros((0, 2), np.int64)
         ctx.count("links", len(q))
+        if accept_above is not None:
+            return _band_requests(lo, hi, sim, pairs, accept_above, ctx)
         leaf, root = star_forest(pairs[:, 0], pairs[:, 1])
         return {"edges": edge_rows(leaf, root, ctx.partitions["edges"])}
 
@@ -204,10 +209,25 @@ def knn_graph_steps(descriptor: str, k: int, threshold: float, settings, seed: i
         AggregateStep("quantizer", ["sample/queries", "sample/train"], quantizer),
         MapStep("assign", assign, [Output("lists", lambda s: s.facts["quantizer"]["lists"]), Output("exact", 1)], columns=(descriptor,)),
         ReduceStep("search", "assign/lists", search, [Output("candidates", lambda s: s.partitions_for(s.n_rows)), Output("recall_ivf", 1)]),
-        ReduceStep("merge", "search/candidates", merge, [Output("edges", lambda s: s.partitions_for(s.n_rows))]),
+        ReduceStep("merge", "search/candidates", merge,
+                   [Output("requests", lambda s: s.n_groups) if accept_above is not None else Output("edges", lambda s: s.partitions_for(s.n_rows))]),
         AggregateStep("recall", ["assign/exact", "search/recall_ivf"], recall),
-        ComponentsStep("components", "merge/edges"),
+        *([] if accept_above is not None else [ComponentsStep("components", "merge/edges")]),
     ]
+
+
+def _band_requests(lo, hi, sim, pairs, accept_above: float, ctx: TaskContext) -> dict:
+    """Verification requests for the distinct pairs: the larger similarity of the two directions,
+    checked geometrically unless above ``accept_above``."""
+    from curation.dedup.local_steps import pair_requests
+
+    if len(pairs) == 0:
+        return {}
+    order = np.lexsort((-sim, hi, lo))
+    lo, hi, sim = lo[order], hi[order], sim[order]
+    first = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
+    lo, hi, sim = lo[first], hi[first], sim[first]
+    return {"requests": pair_requests(lo, hi, sim, sim <= accept_above, ctx)}
 
 
 def _stored_chunks(part, descriptor: str, max_rows: int):

@@ -26,9 +26,10 @@ MEMBERS = "members"
 IDENTITY_COLUMNS = (schema.ID, schema.SOURCE_KEY, schema.WIDTH, schema.HEIGHT)
 
 
-def members_step(name: str, labels: str, payload: tuple[str, ...], identity=IDENTITY_COLUMNS) -> MapStep:
+def members_step(name: str, labels: str, payload: tuple[str, ...], identity=IDENTITY_COLUMNS, row_weight: int = 1) -> MapStep:
     """Map step: the labelled rows of each group, with ``identity`` and ``payload`` columns,
-    keyed by the partition of their component label."""
+    keyed by the partition of their component label. ``row_weight``: how many rows' worth of
+    memory one member's payload is (local features: its descriptors), to size the partitions."""
     columns = tuple(dict.fromkeys([*identity, *payload]))
 
     def fn(table: pa.Table, ctx: TaskContext) -> dict:
@@ -46,7 +47,7 @@ def members_step(name: str, labels: str, payload: tuple[str, ...], identity=IDEN
     return MapStep(
         name,
         fn,
-        [Output(MEMBERS, lambda s, ref=f"{labels}": s.partitions_for(s.dataset_rows.get(ref, 0)))],
+        [Output(MEMBERS, lambda s, ref=f"{labels}": s.partitions_for(s.dataset_rows.get(ref, 0) * row_weight))],
         columns=columns,
         side_input=labels,
     )

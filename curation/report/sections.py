@@ -47,7 +47,7 @@ def funnel_section(run: RunData) -> str:
     return section("funnel", "Funnel: images per stage, drops by reason", "".join(parts) + legend + drops, "")
 
 
-DUPLICATE_SCORES = ("similarity", "hamming_distance")
+DUPLICATE_SCORES = ("similarity", "hamming_distance", "inliers")
 
 
 def fails_own_test(stage_cfg: dict, member: dict) -> bool:

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 from curation import schema
 from curation.imaging import DecodeError, decode_with_info
 from curation.devices import torch_device_name, wants_gpu
-from curation.stage import MapStage, OptionalWeights, Resources, StageError
+from curation.stage import WEIGHT_FREE_HINT, MapStage, OptionalWeights, Resources, StageError
 from curation.stages._images import ImageStageConfig, error_details
 from embedders import DEFAULT_RETRIEVAL_MODEL, EmbedderUnavailable, build_embedder, check_available, output_dim, parse_spec
 from embedders.registry import PixelsSpec, SscdSpec, TimmSpec
@@ -113,7 +113,7 @@ class EmbedStage(OptionalWeights, MapStage):
     def missing_weights_help(self, problem: str) -> str:
         return (
             f"stage {self.name}: {problem}. `curate models list` shows every missing file and `curate models fetch` "
-            "installs them; --allow-missing-weights runs this stage NOT applied (its column stays empty)."
+            f"installs them; --allow-missing-weights runs this stage NOT applied (its column stays empty). {WEIGHT_FREE_HINT}"
         )
 
     def preflight(self) -> list[str]:

@@ -5,7 +5,8 @@ with high probability, below 0.2 safe); a lower value removes more borderline im
 
 Missing weights stop the run in ``preflight`` with instructions, unless the run was started with
 ``--allow-missing-weights``: then every row passes unscored (``nsfw_score`` null) and the
-manifest says that NSFW filtering was NOT applied. ``enabled: false`` skips the stage outright.
+manifest says that NSFW filtering was NOT applied. ``if_missing: skip`` does the same for this
+stage alone (the weight-free ``offline`` pipeline). ``enabled: false`` skips the stage outright.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from curation import schema
 from curation.imaging import DecodeError, decode_rgb
 from curation.devices import torch_device_name, wants_gpu
 from curation.safety.nsfw import NsfwBackend, available_backends, backend_class
-from curation.stage import MapStage, OptionalWeights, Resources, StageError
+from curation.stage import WEIGHT_FREE_HINT, MapStage, OptionalWeights, Resources, StageError
 from curation.stages._images import ImageStageConfig, error_details
 
 NSFW_SCORE = "nsfw_score"
@@ -37,6 +38,10 @@ class Config(ImageStageConfig):
     batch_size: int = Field(64, ge=1, description="images per model call")
     weights: Path | None = Field(None, description="weights file; null: the backend's own default location")
     backend: str = Field("opennsfw2", description="NSFW classifier (see curation.safety.nsfw)")
+    if_missing: Literal["refuse", "skip"] = Field(
+        "refuse", description="missing weights: refuse to run (unless --allow-missing-weights), or skip: every image passes "
+        "unscored and the manifest says NSFW filtering was NOT applied"
+    )
 
     @field_validator("backend")
     @classmethod
@@ -48,7 +53,9 @@ class Config(ImageStageConfig):
     def model_needs(self) -> list:
         from curation.models import nsfw_need
 
-        return [nsfw_need(self.stage_name, backend_class(self.backend), self.weights)]
+        need = nsfw_need(self.stage_name, backend_class(self.backend), self.weights)
+        need.skippable = self.if_missing == "skip"
+        return [need]
 
 
 class NsfwStage(OptionalWeights, MapStage):
@@ -71,6 +78,14 @@ class NsfwStage(OptionalWeights, MapStage):
 
     def not_applied_what(self) -> str:
         return "NSFW filtering"
+
+    @property
+    def may_skip(self) -> bool:
+        return self.context.allow_missing_weights or self.config.if_missing == "skip"
+
+    def not_applied_warning(self, problem: str) -> str:
+        why = "the run was started with --allow-missing-weights" if self.context.allow_missing_weights else "the stage has if_missing: skip"
+        return f"NSFW filtering was NOT applied: {problem} ({why})"
 
     # -- contract -----------------------------------------------------------------------------
     def input_columns(self) -> tuple[str, ...]:
@@ -103,7 +118,7 @@ class NsfwStage(OptionalWeights, MapStage):
         self._backend: NsfwBackend | None = None
         problem = self.weights_problem()
         if problem is not None:
-            if self.context.allow_missing_weights:
+            if self.may_skip:
                 return  # rows pass unscored; the manifest says so
             raise StageError(self.missing_weights_help(problem))
         self._backend = self.backend_cls(self.weights_path, torch_device_name())
@@ -157,7 +172,7 @@ class NsfwStage(OptionalWeights, MapStage):
             f"stage {self.name!r} ({cls.name}): {problem}. To fix: {fetch}{cls.download_hint()} and put it at "
             f"{self.weights_path} (or {cls.default_weights_path()}), or set `weights: /path/to/file` in this stage's entry of the "
             f"pipeline YAML. To run without NSFW filtering, set `enabled: false` on the stage or pass "
-            f"--allow-missing-weights (the manifest will then say NSFW filtering was NOT applied)."
+            f"--allow-missing-weights (the manifest will then say NSFW filtering was NOT applied). {WEIGHT_FREE_HINT}"
         )
 
 
