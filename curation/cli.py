@@ -46,6 +46,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fetch-weights", action="store_true", help="download missing weights into the cache first, when the network is reachable")
     p.add_argument("--trust-on-first-use", action="store_true", help="with --fetch-weights: accept weights whose upstream publishes no checksum")
+    p.add_argument(
+        "--progress", choices=("auto", "live", "lines", "off"), default="auto",
+        help="live: bars redrawn in the terminal; lines: a line per stage every --progress-interval seconds and at its end "
+        "(for logs and CI); auto (default): live on a terminal, lines otherwise. Written to stderr",
+    )
+    p.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS", help="seconds between progress lines (default 30)")
 
 
 def cmd_run(args) -> int:
@@ -73,6 +79,8 @@ def cmd_run(args) -> int:
         address=args.address,
         resume=args.resume,
         allow_missing_weights=args.allow_missing_weights,
+        progress=args.progress,
+        progress_interval=args.progress_interval,
     )
     manifest = run_pipeline(req)
     print_summary(manifest)

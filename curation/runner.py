@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curation import schema
 from curation.catalog import ResolvedSet, resolve_excludes, resolve_seeds
 from curation.config import PipelineConfig
 from curation.executor import RayExecutor, init_ray
+from curation.ingest.rows import ingest_columns
 from curation.planning import load_or_make_plan, source_specs
+from curation.progress import RunProgress
 from curation.shard_ops import StageSpec
 from curation.stage import GlobalStage, Stage, StageContext, stage_class
 from curation.store import GLOBAL, INGEST, MAP, RunStore, StageRecord, read_json, write_json_atomic
@@ -42,7 +43,8 @@ class RunRequest:
     address: str | None = None
     resume: bool = False
     allow_missing_weights: bool = False
-    progress: bool = True  # Ray Data's console progress bars
+    progress: str | bool = "auto"  # auto | live | lines | off (curation.progress); True = auto, False = off
+    progress_interval: float = 30.0  # seconds between progress lines without a terminal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +62,8 @@ class Runner:
                 raise RunError(f"pool path {p} does not exist")
         self.stage_stats: list[dict] = []
         self.warnings: list[str] = []
+        self.history: list[StageRecord] = []
+        self.progress: RunProgress | None = None
 
     # -- identity -----------------------------------------------------------------------------
     def inputs(self) -> dict:
@@ -121,11 +125,11 @@ class Runner:
         self._build_stages(preflight=True)
         self._check_resume()
         self._status("running")
-        init_ray(self.cfg, self.req.address, progress=self.req.progress)
+        dashboard = init_ray(self.cfg, self.req.address)
         stages = self._build_stages(preflight=False)  # now with cluster resources known
-        executor = RayExecutor(self.store, self.cfg.execution)
-        history: list[StageRecord] = []
-        ingest_rec = StageRecord(0, "ingest", "ingest", INGEST, [n for n in schema.INGEST_SCHEMA.names if n != schema.UID])
+        executor = RayExecutor(self.store, self.cfg.execution, self._start_progress(stages, dashboard))
+        history = self.history
+        ingest_rec = StageRecord(0, "ingest", "ingest", INGEST, ingest_columns(self.cfg.ingest))
         units = load_or_make_plan(self.store, source_specs(self.req.pools, self.seeds, self.excludes), self.cfg.ingest)
         self.stage_stats.append(executor.ingest(ingest_rec, units, self.cfg.ingest.model_dump(mode="json")))
         history.append(ingest_rec)
@@ -147,13 +151,31 @@ class Runner:
             history.append(rec)
             self._status("running", history)
         emit_rec = StageRecord(len(stages) + 1, "emit", "emit", MAP, [])
-        as_is = [s.name for s in self.seeds if any(r["method"] == "as_is" for r in s.recipes)]
-        has_retrieval = any(s.config.kind == "retrieve" for s in stages)
-        self.stage_stats.append(executor.emit(emit_rec, history, as_is, has_retrieval))
+        self.stage_stats.append(executor.emit(emit_rec, history, self._emit_options(stages)))
         history.append(emit_rec)
         manifest = self._manifest(stages, history, time.perf_counter() - t_start)
         self._status("finished", history)
         return manifest
+
+    def _emit_options(self, stages: list[Stage]) -> dict:
+        return {
+            "as_is": [s.name for s in self.seeds if any(r["method"] == "as_is" for r in s.recipes)],
+            "has_retrieval": any(s.config.kind == "retrieve" for s in stages),
+            "emit": self.cfg.emit.model_dump(mode="json"),
+            "extra_types": self.cfg.ingest.extra_types(),
+        }
+
+    def _start_progress(self, stages: list[Stage], dashboard: str | None) -> RunProgress:
+        """The live display or progress lines (``curation.progress``); every report also updates
+        status.json, at most every 2 s, so ``curate status --run`` sees inside a long stage."""
+        names = ["ingest", *(s.name for s in stages), "emit"]
+        self.progress = RunProgress(
+            names, self.req.progress, self.req.progress_interval,
+            on_status=lambda current: self._status("running", self.history),
+        )
+        if dashboard:
+            self.progress.note(f"Ray dashboard: {dashboard}")
+        return self.progress
 
     def _build_stages(self, preflight: bool) -> list[Stage]:
         stages: list[Stage] = []
@@ -174,12 +196,14 @@ class Runner:
                 "stages_done": [h.name for h in (history or [])],
                 "stages": [s.get("stage") for s in self.stage_stats],
                 "stats": self.stage_stats,
+                "current": self.progress.snapshot() if self.progress is not None and state == "running" else None,
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             self.store.status_json,
         )
 
     def _manifest(self, stages: list[Stage], history: list[StageRecord], seconds: float) -> dict:
+        from curation.dataset_card import write_dataset_card
         from curation.manifest import RunFacts, build_manifest
 
         facts = RunFacts(
@@ -194,9 +218,15 @@ class Runner:
         )
         manifest = build_manifest(facts, stages, seconds)
         write_json_atomic(manifest, self.store.manifest_json)
+        write_dataset_card(self.store, manifest)
         return manifest
 
 
 def run_pipeline(req: RunRequest) -> dict:
     """Library entry point behind ``curate run``."""
-    return Runner(req).run()
+    runner = Runner(req)
+    try:
+        return runner.run()
+    finally:
+        if runner.progress is not None:
+            runner.progress.close()

@@ -41,6 +41,13 @@ def write_json_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
@@ -203,6 +210,12 @@ class ShardView:
                     uids = uids.filter(pc.invert(pc.is_in(uids, value_set=dropped.combine_chunks())))
         uids = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
         return pa.table({schema.UID: uids, **self._columns(shard, columns, uids, len(self.history))})
+
+    def read_as_written(self, shard: int, columns: list[str], uids: pa.Array, upto: int) -> pa.Table:
+        """``columns`` for ``uids`` as the first ``upto`` stages of the history left them
+        (``upto=1``: as ingested, before any stage replaced them)."""
+        uids = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
+        return pa.table({schema.UID: uids, **self._columns(shard, list(columns), uids, upto)})
 
     def column_types(self, shard: int) -> dict[str, pa.DataType]:
         """Type of every available column, from the Parquet footers of the files that provide
