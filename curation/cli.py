@@ -57,20 +57,30 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def cmd_run(args) -> int:
     from curation.config import load_config
     from curation.models import check_pipeline
-    from curation.runner import RunRequest, run_pipeline
+    from curation.runner import run_pipeline
     from curation.summary import print_summary
 
     cfg = load_config(args.config, sets=args.set)
     missing_pools = [p for p in args.pool if not Path(p).exists()]
     if missing_pools:
         raise UsageError(f"--pool path(s) do not exist: {', '.join(missing_pools)}")
+    if getattr(args, "dry_run", False):
+        return _dry_run(args, cfg)
     notes = check_pipeline(
         cfg, allow_missing=args.allow_missing_weights, fetch=args.fetch_weights,
         trust_on_first_use=args.trust_on_first_use, seeds=bool(args.seeds),
     )
     for note in notes:
         print(f"curate run: {'WARNING: ' if 'NOT applied' in note else ''}{note}", file=sys.stderr)
-    req = RunRequest(
+    manifest = run_pipeline(_run_request(args, cfg))
+    print_summary(manifest)
+    return EXIT_OK
+
+
+def _run_request(args, cfg):
+    from curation.runner import RunRequest
+
+    return RunRequest(
         pools=args.pool,
         seeds=args.seeds,
         excludes=args.exclude,
@@ -82,9 +92,15 @@ def cmd_run(args) -> int:
         progress=args.progress,
         progress_interval=args.progress_interval,
     )
-    manifest = run_pipeline(req)
-    print_summary(manifest)
-    return EXIT_OK
+
+
+def _dry_run(args, cfg) -> int:
+    """0 when the run would start or resume, 2 when it would be refused (weights, run directory)."""
+    from curation.dry_run import dry_run, format_dry_run
+
+    report = dry_run(_run_request(args, cfg))
+    print(format_dry_run(report))
+    return EXIT_OK if report["state"] != "refused" and report["weights"]["ok"] else EXIT_REFUSED
 
 
 def cmd_query(args) -> int:
@@ -235,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto or 10.0.0.1:6379); default: local Ray")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (a plain re-run of the same command does too)")
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="print the resolved config, the plan (inputs, shards), the weights check and the stages that would run "
+        "(a global stage's form: single task or partitioned); nothing is written and Ray is not started",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("query", help="SQL (DuckDB) over a run: views dataset, ledger, manifest, shards, stage_<name>")

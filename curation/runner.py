@@ -85,8 +85,8 @@ class Runner:
             if old.get("fingerprint") != fp:
                 raise RunError(
                     f"{self.store.run_dir} holds a run with a different configuration or inputs "
-                    f"(fingerprint {old.get('fingerprint')} != {fp}); resuming would mix outputs. "
-                    "Re-run with the original --config/--seeds/--pool/--exclude, or use a new --out directory."
+                    f"(fingerprint {old.get('fingerprint')} != {fp}; changed: {self._changes(old)}); resuming would mix outputs. "
+                    "Re-run with the original --config/--set/--seeds/--pool/--exclude, or use a new --out directory."
                 )
             log.info("resuming run in %s", self.store.run_dir)
         elif self.req.resume:
@@ -101,6 +101,11 @@ class Runner:
                 },
                 self.store.run_json,
             )
+
+    def _changes(self, old_run: dict) -> str:
+        from curation.config_diff import describe_change
+
+        return describe_change(old_run, self.cfg.model_dump(mode="json"), self.inputs())
 
     def context(self, stage_dir: Path) -> StageContext:
         import ray
