@@ -136,6 +136,10 @@ def cmd_status(args) -> int:
         raise UsageError(f"{run} has no status.json: not a run directory, or the run has not started")
     status = json.loads(status_path.read_text())
     print(f"state: {status['state']}  updated: {status['updated']}")
+    if status.get("current"):
+        from curation.progress import describe_snapshot
+
+        print(f"  now: {describe_snapshot(status['current'])}")
     for s in status["stats"]:
         print(f"  {s['stage']:<20} in {s.get('in', 0):>8}  out {s.get('out', 0):>8}  dropped {sum(s.get('dropped', {}).values()):>6}")
     manifest = run / "manifest.json"

@@ -82,7 +82,7 @@ def is_system_failure(error: BaseException) -> bool:
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if any(type(x).__name__ in SYSTEM_FAILURES for x in type(e).__mro__):
+        if any(cls.__name__ in SYSTEM_FAILURES for cls in type(e).__mro__):
             return True
         e = e.__cause__ or e.__context__
     return False

@@ -110,6 +110,16 @@ def describe(st: StageProgress, now: float, run_total: int) -> str:
     )
 
 
+def describe_snapshot(snap: dict) -> str:
+    """``describe`` for a status.json ``current`` entry (``curate status --run``)."""
+    total, done, unit = snap.get("total"), snap.get("done", 0), snap.get("unit", "images")
+    count = f"{done:,}/{total:,} {unit} ({100 * done / total:.1f}%)" if total else f"{done:,} {unit}"
+    step = f" step {snap['step_index'] or '?'}/{snap['steps'] or '?'} {snap['step']}:" if snap.get("step") else ""
+    rate = snap.get("rate_per_second")
+    return (f"{snap['stage']}:{step} {count}, {f'{rate:,.1f}' if rate else '-'} {unit}/s, ETA {clock(snap.get('eta_seconds'))}, "
+            f"shards {snap.get('shards_done', 0):,}/{snap.get('shards', 0):,}")
+
+
 def finished_line(st: StageProgress, now: float, run_total: int) -> str:
     s = st.stats
     dropped = sum((s.get("dropped") or {}).values())
@@ -279,7 +289,7 @@ class LineRenderer(NullRenderer):
         self._print(finished_line(st, time.monotonic(), len(self.progress.stages)))
 
     def _tick(self) -> None:
-        while not self._stop.wait(min(1.0, self.progress.interval / 4)):
+        while not self._stop.wait(min(1.0, max(0.02, self.progress.interval / 4))):
             with self.progress._lock:
                 st = self.progress.current
                 if st is not None and time.monotonic() - self._last >= self.progress.interval:

@@ -177,6 +177,7 @@ class Runner:
         self.progress = RunProgress(
             names, self.req.progress, self.req.progress_interval,
             on_status=lambda current: self._status("running", self.history),
+            status_interval=min(2.0, self.req.progress_interval),
         )
         if dashboard:
             self.progress.note(f"Ray dashboard: {dashboard}")
