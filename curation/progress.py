@@ -125,6 +125,7 @@ def finished_line(st: StageProgress, now: float, run_total: int) -> str:
     dropped = sum((s.get("dropped") or {}).values())
     secs = float(s.get("wall_seconds") or s.get("seconds") or (now - st.started))
     extra = f", {s['execution'].replace('_', ' ')}" if s.get("execution") else ""
+    extra += ", done by an earlier attempt" if s.get("resumed") else ""
     return (
         f"{st.name}: done, {s.get('in', 0):,} in, {s.get('out', 0):,} out, {dropped:,} dropped in "
         f"{clock(secs)}{extra} (stage {st.position}/{run_total})"

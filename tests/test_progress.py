@@ -134,3 +134,22 @@ def test_errors_of_our_code_are_not_retried(tmp_path):
         ex.run_shards(StageRecord(1, "decode", "decode", MAP, []), [0], None, None, None)
     assert calls == [1]
     assert is_system_failure(RuntimeError("x")) is False
+
+
+def test_ray_datasets_are_named_after_their_stage_and_step(ray_local, monkeypatch, tmp_path):
+    import ray.data
+
+    from curation.executor import _dashboard
+
+    names: list[str] = []
+    original = ray.data.Dataset.set_name
+    monkeypatch.setattr(ray.data.Dataset, "set_name", lambda self, name: (names.append(name), original(self, name))[1])
+    seen = []
+    progress = RunProgress(STAGES, "off", on_status=seen.append, status_interval=0)
+    ex = RayExecutor(RunStore(tmp_path), progress=progress)
+    progress.stage_started("copy_dedup", None, "tasks")
+    progress.step("copy_dedup", "knn", total=2)
+    assert ex.run_tasks("copy_dedup:knn", [{"x": 1}, {"x": 2}], lambda item: {"y": item["x"] * 10}) == [{"y": 10}, {"y": 20}]
+    assert names == ["copy_dedup.knn"] and seen[-1]["done"] == 2
+    assert _dashboard(type("Ctx", (), {"dashboard_url": "127.0.0.1:8265"})()) == "http://127.0.0.1:8265"
+    assert _dashboard(type("Ctx", (), {"dashboard_url": ""})()) is None
