@@ -51,25 +51,41 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="if the inputs changed since the run was planned, discard the run's outputs and plan again "
         "from the inputs as they are now (otherwise such a re-run is refused); with unchanged inputs it resumes",
     )
+    p.add_argument(
+        "--progress", choices=("auto", "live", "lines", "off"), default="auto",
+        help="live: bars redrawn in the terminal; lines: a line per stage every --progress-interval seconds and at its end "
+        "(for logs and CI); auto (default): live on a terminal, lines otherwise. Written to stderr",
+    )
+    p.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS", help="seconds between progress lines (default 30)")
 
 
 def cmd_run(args) -> int:
     from curation.config import load_config
     from curation.models import check_pipeline
-    from curation.runner import RunRequest, run_pipeline
+    from curation.runner import run_pipeline
     from curation.summary import print_summary
 
     cfg = load_config(args.config, sets=args.set)
     missing_pools = [p for p in args.pool if not Path(p).exists()]
     if missing_pools:
         raise UsageError(f"--pool path(s) do not exist: {', '.join(missing_pools)}")
+    if getattr(args, "dry_run", False):
+        return _dry_run(args, cfg)
     notes = check_pipeline(
         cfg, allow_missing=args.allow_missing_weights, fetch=args.fetch_weights,
         trust_on_first_use=args.trust_on_first_use, seeds=bool(args.seeds),
     )
     for note in notes:
         print(f"curate run: {'WARNING: ' if 'NOT applied' in note else ''}{note}", file=sys.stderr)
-    req = RunRequest(
+    manifest = run_pipeline(_run_request(args, cfg))
+    print_summary(manifest)
+    return EXIT_OK
+
+
+def _run_request(args, cfg):
+    from curation.runner import RunRequest
+
+    return RunRequest(
         pools=args.pool,
         seeds=args.seeds,
         excludes=args.exclude,
@@ -79,10 +95,18 @@ def cmd_run(args) -> int:
         resume=args.resume,
         replan=args.replan,
         allow_missing_weights=args.allow_missing_weights,
+        progress=args.progress,
+        progress_interval=args.progress_interval,
     )
-    manifest = run_pipeline(req)
-    print_summary(manifest)
-    return EXIT_OK
+
+
+def _dry_run(args, cfg) -> int:
+    """0 when the run would start or resume, 2 when it would be refused (weights, run directory)."""
+    from curation.dry_run import dry_run, format_dry_run
+
+    report = dry_run(_run_request(args, cfg))
+    print(format_dry_run(report))
+    return EXIT_OK if report["state"] != "refused" and report["weights"]["ok"] else EXIT_REFUSED
 
 
 def cmd_query(args) -> int:
@@ -119,6 +143,11 @@ def cmd_status(args) -> int:
     if state["status"] is None and state["holder"] is None:
         raise UsageError(f"{run} has no status.json: not a run directory, or the run has not started")
     print("\n".join(describe(state)))
+    current = (state["status"] or {}).get("current")
+    if current:
+        from curation.progress import describe_snapshot
+
+        print(f"  now: {describe_snapshot(current)}")
     for s in (state["status"] or {}).get("stats", []):
         print(f"  {s['stage']:<20} in {s.get('in', 0):>8}  out {s.get('out', 0):>8}  dropped {sum(s.get('dropped', {}).values()):>6}")
     manifest = run / "manifest.json"
@@ -234,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto or 10.0.0.1:6379); default: local Ray")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (a plain re-run of the same command does too)")
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="print the resolved config, the plan (inputs, shards), the weights check and the stages that would run "
+        "(a global stage's form: single task or partitioned); nothing is written and Ray is not started",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("query", help="SQL (DuckDB) over a run: views dataset, ledger, manifest, shards, stage_<name>")

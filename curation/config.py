@@ -79,6 +79,31 @@ class IngestConfig(Strict):
     url_rules: UrlRulesConfig = Field(default_factory=UrlRulesConfig)
     url_column: str | None = Field(None, description="column holding URLs in Parquet/CSV inputs (auto-detected if unset)")
     bytes_column: str | None = Field(None, description="column holding image bytes in Parquet inputs (auto-detected if unset)")
+    caption_column: str | None = Field(
+        None, description="column holding captions in Parquet/CSV inputs (auto: caption, text, TEXT, alt_text, alt); tar samples: .txt"
+    )
+    extra_columns: list[str] | dict[str, Literal["string", "int64", "float64", "bool"]] = Field(
+        default_factory=list,
+        description="input columns passed through to the dataset (Parquet/CSV columns, keys of a tar sample's .json), "
+        "like img2dataset's save_additional_columns: a list (stored as strings) or {name: type}",
+    )
+
+    @field_validator("extra_columns")
+    @classmethod
+    def _extra_names(cls, value):
+        from curation.contract import COLUMNS
+
+        reserved = {c.name for c in COLUMNS} | {"role", "bytes", "final_url", "http_status", "content_type"}
+        clash = sorted(set(value) & reserved)
+        if clash:
+            raise ValueError(f"{clash} are columns of the dataset already; pass through other columns")
+        return value
+
+    def extra_types(self) -> dict[str, str]:
+        """Pass-through column name -> type."""
+        if isinstance(self.extra_columns, dict):
+            return dict(self.extra_columns)
+        return {name: "string" for name in self.extra_columns}
 
 
 # -- seed recipes (Table 15 of the DINOv2 paper) -----------------------------------------------
@@ -135,6 +160,30 @@ class ExecutionConfig(Strict):
     )
     map_task_rows: int = Field(200_000, ge=1, description="input rows per map task (consecutive shards are grouped up to this)")
     task_memory_bytes: int | None = Field(None, ge=1, description="memory Ray reserves per partitioned task (None: no reservation)")
+    stage_retries: int = Field(
+        2, ge=0, description="times a shard stage reruns its unfinished shards after Ray lost a worker, an actor or a node"
+    )
+
+
+class EmitConfig(Strict):
+    """What the run writes as its dataset (see the column contract, ``curation.contract``)."""
+
+    formats: list[Literal["parquet", "webdataset"]] = Field(
+        default_factory=lambda: ["parquet"],
+        description="parquet: dataset/part-*.parquet (what the trainer and `curate query` read); webdataset: webdataset/part-*.tar "
+        "(<key>.jpg/.png + <key>.json + <key>.txt caption); both: the same samples in the same shards",
+        min_length=1,
+    )
+    shard_rows: int | None = Field(10_000, ge=1, description="images per output shard (the last one holds the rest); null: no row target")
+    shard_bytes: int | None = Field(
+        None, ge=1, description="image bytes per output shard; a shard closes when either target is reached. Both null: one output shard per ingest shard"
+    )
+    row_group_rows: int = Field(256, ge=1, description="rows per Parquet row group (the trainer's unit of shuffling)")
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 class ModelsConfig(Strict):
@@ -158,6 +207,7 @@ class PipelineConfig(Strict):
         description="recipes for a seed dataset given as a path rather than a catalog name",
     )
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    emit: EmitConfig = Field(default_factory=EmitConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
 
@@ -213,7 +263,7 @@ class PipelineConfig(Strict):
         """Hash of everything that changes the output (used to refuse an inconsistent resume).
         Where Ray runs (address, CPUs, dashboard) and how weights are fetched (their checksums
         are checked) do not change the output and are left out."""
-        payload = json.dumps(self.model_dump(mode="json", exclude={"ray", "models"}), sort_keys=True)
+        payload = json.dumps(self.model_dump(mode="json", exclude={"ray": True, "models": True, "execution": {"stage_retries"}}), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from curation.config import ExecutionConfig, PipelineConfig
 from curation.global_ops import run_single_task
+from curation.progress import RunProgress
 from curation.shard_ops import MapShardWorker, StageSpec, emit_shard, ingest_shard
 from curation.stage import GlobalStage, MapStage
 from curation.store import RunStore, ShardView, StageRecord, read_json
@@ -50,19 +51,72 @@ def choose_form(stage: GlobalStage, rows: int, execution: ExecutionConfig) -> st
 class InProcessTasks:
     """Runs tasks one after another in this process: for tests and debugging (no Ray)."""
 
+    def __init__(self, progress: RunProgress | None = None):
+        self.progress = progress or RunProgress([], mode="off")
+
     def run_tasks(self, label: str, items: list[dict], fn: Callable[[dict], dict], num_cpus: float = 1.0) -> list[dict]:
-        return [fn(item) for item in items]
+        out = []
+        for item in items:
+            out.append(fn(item))
+            self.progress.advance(stage_of(label), 1)
+        return out
+
+
+def stage_of(label: str) -> str:
+    """A task label is ``stage`` or ``stage:step``."""
+    return label.split(":", 1)[0]
+
+
+# Ray failures that say a worker, an actor or a node went away, not that our code raised: the
+# pending shards of the stage are run again (their markers say which), up to
+# ``execution.stage_retries`` times. Ray Data's own actor restarts are off (max_restarts=0; see
+# ``actor_options``), so this is where a map stage survives a lost worker.
+SYSTEM_FAILURES = (
+    "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
+    "ObjectLostError", "OwnerDiedError", "OutOfMemoryError", "RaySystemError", "LocalRayletDiedError",
+)
+
+
+def is_system_failure(error: BaseException) -> bool:
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(cls.__name__ in SYSTEM_FAILURES for cls in type(e).__mro__):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def actor_options() -> dict:
+    """Ray Data passes an actor pool's constructor arguments through the object store, and Ray
+    core logs an error-level line (core_worker.cc, ray-project/ray#53727, #57733) for every
+    restartable actor created that way, although the operator keeps those objects alive. Our map
+    actors are not restarted by Ray (``max_restarts=0``): a lost actor fails the dataset, and
+    ``run_shards`` reruns the shards without a completion marker (``is_system_failure``).
+    Ray Data takes ``max_restarts`` only as a plain keyword (deprecated in 2.60 for the named
+    parameters, which do not include it; ``map_batches_quietly`` drops that one warning)."""
+    return {"max_restarts": 0}
+
+
+def map_batches_quietly(ds, fn, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs)
 
 
 class RayExecutor:
-    def __init__(self, store: RunStore, execution: ExecutionConfig | None = None):
+    def __init__(self, store: RunStore, execution: ExecutionConfig | None = None, progress: RunProgress | None = None):
         self.store = store
         self.execution = execution or ExecutionConfig()
+        self.progress = progress or RunProgress([], mode="off")
 
     # -- primitive: independent tasks ------------------------------------------------------
     def run_tasks(self, label: str, items: list[dict], fn: Callable[[dict], dict], num_cpus: float = 1.0) -> list[dict]:
         """Run ``fn(item)`` for every item as Ray Data tasks (one item per block); returns the
-        results in item order."""
+        results in item order. The dataset is named ``label`` (``stage:step``) in the dashboard."""
         import ray
 
         if not items:
@@ -75,7 +129,12 @@ class RayExecutor:
 
         rows = [{"pos": i, "item": json.dumps(it)} for i, it in enumerate(items)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        res = ds.map_batches(call, batch_size=1, num_cpus=num_cpus, **self._task_memory()).take_all()
+        ds = ds.map_batches(call, batch_size=1, num_cpus=num_cpus, **self._task_memory())
+        ds.set_name(dataset_name(label))
+        res = []
+        for row in ds.iter_rows():
+            res.append(row)
+            self.progress.advance(stage_of(label), 1)
         res.sort(key=lambda r: int(r["pos"]))
         return [json.loads(r["result"]) for r in res]
 
@@ -84,24 +143,52 @@ class RayExecutor:
         return {"memory": mem} if mem else {}
 
     # -- shard stages ----------------------------------------------------------------------
-    def run_shards(self, rec: StageRecord, shards: list[int], row_for, fn, options) -> dict:
+    def run_shards(self, rec: StageRecord, shards: list[int], row_for, fn, options, total: int | None = None, finish: bool = True) -> dict:
         """Run ``fn`` over the shards of ``rec`` without a completion marker, one shard per Ray
         Data batch, then mark the stage done with its statistics (read back if already done).
         ``row_for(shard)`` is the dataset row handed to ``fn``; ``options(n_pending)`` gives the
-        ``map_batches`` arguments (task or actor-pool resources)."""
-        import ray
-
+        ``map_batches`` arguments (task or actor-pool resources). ``fn`` returns each shard's
+        statistics in a ``stats`` column, which feeds the progress display as shards finish;
+        ``total`` is the number of images the stage reads (for the display's bar and ETA).
+        With ``finish=False`` the stage is left unmarked (emit packs its output afterwards)."""
         if self.store.stage_done(rec):
-            return read_json(self.store.stage_marker(rec))["stats"]
+            stats = read_json(self.store.stage_marker(rec))["stats"]
+            self.progress.stage_finished(rec.name, {**stats, "resumed": True})
+            return stats
         t0 = time.perf_counter()
         pending = [s for s in shards if not self.store.shard_done(rec, s)]
-        if pending:
-            wait_for_free_cpus()
-            ds = ray.data.from_items([row_for(s) for s in pending], override_num_blocks=len(pending))
-            ds.map_batches(fn, batch_size=1, **options(len(pending))).materialize()
+        done_images = sum(int(self.store.shard_stats(rec, s).get("in", 0)) for s in shards if s not in set(pending))
+        self.progress.stage_started(rec.name, total, "images", done_images, len(shards), len(shards) - len(pending))
+        for attempt in range(self.execution.stage_retries + 1):
+            pending = [s for s in pending if not self.store.shard_done(rec, s)]
+            if not pending:
+                break
+            try:
+                self._map_pending(rec, pending, row_for, fn, options)
+                break
+            except Exception as e:  # noqa: BLE001 - retried only for lost workers/actors/nodes
+                if attempt == self.execution.stage_retries or not is_system_failure(e):
+                    raise
+                log.warning("stage %s: %s; rerunning its unfinished shards (attempt %d)", rec.name, type(e).__name__, attempt + 2)
         stats = self._collect(rec, shards, time.perf_counter() - t0)
-        self.store.mark_stage_done(rec, {"stats": stats, "shards": shards})
+        if finish:
+            self.finish_stage(rec, stats, {"shards": shards})
         return stats
+
+    def finish_stage(self, rec: StageRecord, stats: dict, extra: dict | None = None) -> None:
+        self.store.mark_stage_done(rec, {"stats": stats, **(extra or {})})
+        self.progress.stage_finished(rec.name, stats)
+
+    def _map_pending(self, rec: StageRecord, pending: list[int], row_for, fn, options) -> None:
+        import ray
+
+        wait_for_free_cpus()
+        ds = ray.data.from_items([row_for(s) for s in pending], override_num_blocks=len(pending))
+        ds = map_batches_quietly(ds, fn, batch_size=1, **options(len(pending)))
+        ds.set_name(dataset_name(rec.name))
+        for row in ds.iter_rows():
+            st = json.loads(row["stats"])
+            self.progress.advance(rec.name, int(st.get("in", 0)), shards=1)
 
     def _collect(self, rec: StageRecord, shards: list[int], seconds: float) -> dict:
         agg: dict[str, Any] = {"stage": rec.name, "kind": rec.kind, "in": 0, "out": 0, "dropped": {}, "seconds": 0.0, "wall_seconds": round(seconds, 3)}
@@ -122,8 +209,9 @@ class RayExecutor:
             stats = [ingest_shard(run_dir, record, json.loads(u), ingest_cfg) for u in batch["unit"]]
             return {"stats": np.asarray([json.dumps(s) for s in stats])}
 
+        total = sum(len(u.items) if u.kind != "error" else 1 for u in units)
         return self.run_shards(
-            rec, list(by_shard), lambda s: {"unit": json.dumps(by_shard[s].to_dict())}, fn, lambda n: {"num_cpus": 0.5}
+            rec, list(by_shard), lambda s: {"unit": json.dumps(by_shard[s].to_dict())}, fn, lambda n: {"num_cpus": 0.5}, total=total
         )
 
     def map_stage(self, stage: MapStage, spec: StageSpec, cluster_cpus: int, cluster_gpus: int) -> dict:
@@ -145,21 +233,45 @@ class RayExecutor:
                 "num_cpus": res.num_cpus,
                 "num_gpus": res.num_gpus or None,
                 **({"memory": res.memory_bytes} if res.memory_bytes else {}),
+                **actor_options(),
             }
 
-        shards = spec.view(self.store).shards()
-        return self.run_shards(spec.rec(), shards, lambda s: {"shard": s}, MapShardWorker, options)
+        view = spec.view(self.store)
+        shards = view.shards()
+        total = None if self.store.stage_done(spec.rec()) else sum(view.row_count(s) for s in shards)
+        return self.run_shards(spec.rec(), shards, lambda s: {"shard": s}, MapShardWorker, options, total=total)
 
-    def emit(self, rec: StageRecord, history: list[StageRecord], as_is: list[str], has_retrieval: bool) -> dict:
-        spec = StageSpec("emit", {}, {}, rec.to_dict(), [h.to_dict() for h in history]).__dict__
+    def emit(self, rec: StageRecord, history: list[StageRecord], options: dict) -> dict:
+        """Ledger rows per ingest shard, then the output shards (``curation.emit``). ``options``:
+        ``as_is`` (seed datasets emitted as they are), ``has_retrieval``, ``emit`` (the
+        ``EmitConfig``) and ``extra_types`` (pass-through columns)."""
+        from curation import emit as out
+
+        spec = StageSpec("emit", options, {}, rec.to_dict(), [h.to_dict() for h in history]).__dict__
         run_dir = str(self.store.run_dir)
 
         def fn(batch: dict) -> dict:
-            stats = [emit_shard(run_dir, spec, int(s), as_is, has_retrieval) for s in batch["shard"]]
+            stats = [emit_shard(run_dir, spec, int(s)) for s in batch["shard"]]
             return {"stats": np.asarray([json.dumps(s) for s in stats])}
 
-        shards = ShardView(self.store, history).shards()
-        return self.run_shards(rec, shards, lambda s: {"shard": s}, fn, lambda n: {"num_cpus": 0.5})
+        view = ShardView(self.store, history)
+        shards = view.shards()
+        done = self.store.stage_done(rec)
+        total = None if done else sum(view.row_count(s) for s in shards)
+        stats = self.run_shards(rec, shards, lambda s: {"shard": s}, fn, lambda n: {"num_cpus": 0.5}, total=total, finish=False)
+        if done:
+            return stats
+        layout = out.load_or_make_layout(self.store, rec, shards, options)
+        n = len(layout["shards"])
+        out.remove_stale_outputs(self.store, n)
+        pending = [k for k in range(n) if not out.output_marker(self.store, rec, k).exists()]
+        self.progress.step(rec.name, "write output shards", total=n, done=n - len(pending))
+        items = [{"run_dir": run_dir, "spec": spec, "index": k} for k in pending]
+        t0 = time.perf_counter()
+        self.run_tasks(f"{rec.name}:write", items, out.write_output_shard, num_cpus=0.5)
+        stats["wall_seconds"] = round(stats["wall_seconds"] + time.perf_counter() - t0, 3)
+        self.finish_stage(rec, stats, {"shards": shards, "outputs": n})
+        return stats
 
     # -- global stages ---------------------------------------------------------------------
     def global_stage(self, stage: GlobalStage, spec: StageSpec) -> dict:
@@ -168,12 +280,18 @@ class RayExecutor:
             view = spec.view(self.store)
             shards = view.shards()
             form = self._form(stage, rec, view, shards)
+            self.progress.stage_started(rec.name, None, "tasks", shards=len(shards))
             if form == "partitioned":
                 run_partitioned(stage, spec, self.store, self.execution, self, shards)
             else:
+                self.progress.steps(rec.name, ["single task"])
+                self.progress.step(rec.name, "single task", total=1)
                 self._single_task(stage, spec, shards)
+                self.progress.advance(rec.name, 1)
         stats = read_json(self.store.stage_marker(rec))
-        return {"stage": rec.name, "kind": rec.kind, "wall_seconds": stats["seconds"], **stats}
+        out = {"stage": rec.name, "kind": rec.kind, "wall_seconds": stats["seconds"], **stats}
+        self.progress.stage_finished(rec.name, out)
+        return out
 
     def _form(self, stage: GlobalStage, rec: StageRecord, view: ShardView, shards: list[int]) -> str:
         """The form is decided once and kept with the stage, so a resumed run keeps it."""
@@ -191,7 +309,9 @@ class RayExecutor:
         import ray
 
         res = stage.resources()
-        task = ray.remote(run_single_task).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus or 0, max_retries=0)
+        task = ray.remote(run_single_task).options(
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus or 0, max_retries=0, name=dataset_name(f"{stage.name}:single_task")
+        )
         ray.get(task.remote(spec.__dict__, str(self.store.run_dir), shards))
 
 
@@ -204,6 +324,12 @@ def run_partitioned(stage: GlobalStage, spec: StageSpec, store: RunStore, execut
 # ---------------------------------------------------------------------------------------------
 # Ray start-up
 # ---------------------------------------------------------------------------------------------
+def dataset_name(label: str) -> str:
+    """What the dashboard's Data view shows for a stage's dataset: ``decode``,
+    ``copy_dedup.knn_reduce`` (Ray Data appends a unique id)."""
+    return label.replace(":", ".")
+
+
 def wait_for_free_cpus(timeout: float = 10.0) -> None:
     """The previous stage's actor pool releases its CPUs asynchronously; starting the next
     dataset before that makes Ray Data warn that the cluster has no CPU (and wait anyway)."""
@@ -214,21 +340,27 @@ def wait_for_free_cpus(timeout: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def init_ray(cfg: PipelineConfig, address: str | None, progress: bool = True) -> None:
+def init_ray(cfg: PipelineConfig, address: str | None) -> str | None:
     """Join ``address`` (or an ambient cluster when running as a Ray job) or start a local Ray
-    that binds its dashboard to loopback."""
+    that binds its dashboard to loopback. Returns the dashboard's URL, when one runs.
+
+    Ray Data's own progress bars and its "Starting execution of Dataset ..." lines are off: the
+    run's display (``curation.progress``) names stages and counts images, not blocks."""
     import ray
 
+    url = None
+    quiet_ray_lines()
     if not ray.is_initialized():
-        _init(cfg, address)
+        url = _init(cfg, address)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     for name in ("ray.data", "ray._private", "ray"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    return url
 
 
-def _init(cfg: PipelineConfig, address: str | None) -> None:
+def _init(cfg: PipelineConfig, address: str | None) -> str | None:
     import os
 
     import ray
@@ -236,8 +368,8 @@ def _init(cfg: PipelineConfig, address: str | None) -> None:
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
+        ctx = ray.init(address=address, log_to_driver=True)
+        return _dashboard(ctx)
     kwargs: dict[str, Any] = {
         "include_dashboard": cfg.ray.include_dashboard,
         "dashboard_host": cfg.ray.dashboard_host,
@@ -248,4 +380,42 @@ def _init(cfg: PipelineConfig, address: str | None) -> None:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg.ray.object_store_memory:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory
-    ray.init(**kwargs)
+    return _dashboard(ray.init(**kwargs))
+
+
+# Ray log lines that describe a choice this module made on purpose, each dropped by an exact
+# prefix on the logger that emits it (everything else from those loggers still shows):
+QUIET_RAY_LINES = {
+    # A new local Ray (>= 2.52) turns token authentication on when RAY_AUTH_MODE is unset and
+    # says so at every start. That is what we want for a local cluster (dashboard and ports on
+    # loopback, the token guarding them too); RAY_AUTH_MODE=disabled still opts out, and Ray's
+    # other authentication messages (a missing or wrong token) still show. The variable itself
+    # is not set: Ray caches its configuration at import, and a driver whose cache disagrees with
+    # the cluster it starts is refused by it.
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray cluster",),
+    # init_ray turns Ray Data's progress bars off (the run's own display replaces them).
+    "ray.data._internal.progress": ("Progress bars disabled.",),
+}
+
+
+class _QuietFilter(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_ray_lines() -> None:
+    for name, prefixes in QUIET_RAY_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietFilter) for f in logger.filters):
+            logger.addFilter(_QuietFilter(prefixes))
+
+
+def _dashboard(ctx) -> str | None:
+    url = getattr(ctx, "dashboard_url", None)
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"

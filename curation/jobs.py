@@ -107,6 +107,8 @@ def build_submission(args) -> Submission:
     for flag in ("allow_missing_weights", "fetch_weights", "trust_on_first_use", "replan"):
         if getattr(args, flag, False):
             argv.append("--" + flag.replace("_", "-"))
+    if getattr(args, "progress_interval", 30.0) != 30.0:  # a job's log is no terminal: progress lines
+        argv += ["--progress-interval", str(args.progress_interval)]
     fingerprint = cfg.fingerprint()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     submission_id = f"curate-{_slug(cfg.name)}-{fingerprint[:8]}-{stamp}-{secrets.token_hex(2)}"

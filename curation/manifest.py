@@ -1,11 +1,12 @@
 """The manifest: the one file the downstream trainer reads.
 
-It lists the dataset shards (path, rows, sha256), the counts from the ledger, per seed dataset
-what Table 15 of the DINOv2 paper reports, per stage what it removed, and every warning (e.g. a
-safety filter that was NOT applied). Before any of it is written, the accounting is checked
-twice: the ledger against itself (input = kept + sum of dropped, no item twice) and against the
-plan (every planned input item has exactly one ledger row, and no row is unplanned), so a lost
-ledger file cannot make the counts balance by counting fewer items.
+It lists the dataset shards (path, rows, sha256; ``dataset`` adds the column contract, every
+column's meaning and the WebDataset shards when written), the counts from the ledger, per seed
+dataset what Table 15 of the DINOv2 paper reports, per stage what it removed, and every warning
+(e.g. a safety filter that was NOT applied). Before any of it is written, the accounting is
+checked twice: the ledger against itself (input = kept + sum of dropped, no item twice) and
+against the plan (every planned input item has exactly one ledger row, and no row is unplanned),
+so a lost ledger file cannot make the counts balance by counting fewer items.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curation import ledger as ledger_mod
+from curation.contract import CONTRACT
 from curation import schema
 from curation.catalog import ResolvedSet
 from curation.store import RunStore
@@ -108,18 +109,11 @@ def build_manifest(facts: RunFacts, stages, seconds: float) -> dict:
             f"ledger does not balance: input {counts['input']} != kept {counts['kept']} + dropped "
             f"{sum(counts['dropped'].values())}, or {counts['ledger_duplicate_uids']} items recorded twice"
         )
-    shards = []
-    for p in sorted(store.dataset_dir.glob("part-*.parquet")):
-        shards.append(
-            {
-                "path": str(p.relative_to(store.run_dir)),
-                "rows": pq.ParquetFile(p).metadata.num_rows,
-                "bytes": p.stat().st_size,
-                "sha256": sha256_file(p),
-            }
-        )
-    if sum(s["rows"] for s in shards) != counts["kept"]:
-        raise RuntimeError("dataset shards and ledger disagree on the number of kept images")
+    dataset = dataset_section(store)
+    shards = dataset.pop("parquet_shards")
+    for fmt, listed in (("parquet", shards), ("webdataset", dataset.get("webdataset_shards", []))):
+        if fmt in dataset["formats"] and sum(s["rows"] for s in listed) != counts["kept"]:
+            raise RuntimeError(f"{fmt} output shards and ledger disagree on the number of kept images")
     stage_sections = {}
     for st in stages:
         section = st.manifest_section()
@@ -138,7 +132,6 @@ def build_manifest(facts: RunFacts, stages, seconds: float) -> dict:
             "as_is_kept": kept_by_source.get(f"seed:{s.name}", 0),
             **({"retrieval": retrieval[s.name]} if s.name in retrieval else {}),
         }
-    columns = pq.read_schema(store.dataset_dir / Path(shards[0]["path"]).name).names if shards else []
     return {
         "format": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -146,7 +139,8 @@ def build_manifest(facts: RunFacts, stages, seconds: float) -> dict:
         "fingerprint": facts.fingerprint,
         "counts": counts,
         "shards": shards,
-        "columns": columns,
+        "columns": [c["name"] for c in dataset["columns"]],
+        "dataset": dataset,
         "seeds": seeds,
         "excludes": [e.to_dict() for e in facts.excludes],
         "pools": facts.inputs["pools"],
@@ -156,6 +150,23 @@ def build_manifest(facts: RunFacts, stages, seconds: float) -> dict:
         "config": facts.config,
         "seconds": round(seconds, 2),
     }
+
+
+def dataset_section(store: RunStore) -> dict:
+    """The output shards, per format (from the emit stage's output markers), the column
+    contract and every column's meaning."""
+    from curation.emit import described_columns, read_outputs
+
+    found = read_outputs(store)
+    if found is None:
+        raise RuntimeError(f"{store.run_dir}: the emit stage has not written its output shards")
+    layout, markers = found
+    out: dict = {"contract": CONTRACT, "formats": layout["formats"], "columns": described_columns(layout), "parquet_shards": []}
+    for m in markers:
+        for fmt, f in m["files"].items():
+            key = "parquet_shards" if fmt == "parquet" else f"{fmt}_shards"
+            out.setdefault(key, []).append({**f, "rows": m["rows"]})
+    return out
 
 
 def _kept_by_source(ledger) -> dict[str, int]:

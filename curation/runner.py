@@ -21,9 +21,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from pathlib import Path
 
-from curation import schema
 from curation.catalog import ResolvedSet, resolve_excludes, resolve_seeds
 from curation.config import ConfigError, PipelineConfig
 from curation.run_state import error_fields
@@ -34,6 +34,9 @@ from curation.store import GLOBAL, INGEST, MAP, RunStore, StageRecord, read_json
 # The executor, the planner and the shard operations (Ray Data, pyarrow.dataset, the ingest
 # readers) are imported once the lock is held: a second run on a busy directory is refused
 # without paying for them.
+
+if TYPE_CHECKING:
+    from curation.progress import RunProgress
 
 log = logging.getLogger("curation")
 
@@ -57,7 +60,8 @@ class RunRequest:
     resume: bool = False
     replan: bool = False  # inputs changed since the plan: discard this run's outputs and plan again
     allow_missing_weights: bool = False
-    progress: bool = True  # Ray Data's console progress bars
+    progress: str | bool = "auto"  # auto | live | lines | off (curation.progress); True = auto, False = off
+    progress_interval: float = 30.0  # seconds between progress lines without a terminal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +79,7 @@ class Runner:
         self.history: list[StageRecord] = []
         self.current: str | None = None  # what the run is doing: a stage name, "plan", "manifest"
         self.found_status: dict | None = None  # status.json as this attempt found it
+        self.progress: RunProgress | None = None
 
     # -- identity -----------------------------------------------------------------------------
     def inputs(self) -> dict:
@@ -96,8 +101,8 @@ class Runner:
             if old.get("fingerprint") != fp:
                 raise RunError(
                     f"{self.store.run_dir} holds a run with a different configuration or inputs "
-                    f"(fingerprint {old.get('fingerprint')} != {fp}); resuming would mix outputs. "
-                    "Re-run with the original --config/--seeds/--pool/--exclude, or use a new --out directory."
+                    f"(fingerprint {old.get('fingerprint')} != {fp}; changed: {self._changes(old)}); resuming would mix outputs. "
+                    "Re-run with the original --config/--set/--seeds/--pool/--exclude, or use a new --out directory."
                 )
             log.info("resuming run in %s", self.store.run_dir)
         elif self.req.resume:
@@ -112,6 +117,11 @@ class Runner:
                 },
                 self.store.run_json,
             )
+
+    def _changes(self, old_run: dict) -> str:
+        from curation.config_diff import describe_change
+
+        return describe_change(old_run, self.cfg.model_dump(mode="json"), self.inputs())
 
     def context(self, stage_dir: Path) -> StageContext:
         import ray
@@ -194,13 +204,14 @@ class Runner:
 
     def _execute(self, units: list, t_start: float) -> dict:
         from curation.executor import RayExecutor, init_ray
+        from curation.ingest.rows import ingest_columns
         from curation.shard_ops import StageSpec
 
-        init_ray(self.cfg, self.req.address, progress=self.req.progress)
+        dashboard = init_ray(self.cfg, self.req.address)
         stages = self._build_stages(preflight=False)  # now with cluster resources known
-        executor = RayExecutor(self.store, self.cfg.execution)
+        executor = RayExecutor(self.store, self.cfg.execution, self._start_progress(stages, dashboard))
         history = self.history
-        ingest_rec = StageRecord(0, "ingest", "ingest", INGEST, [n for n in schema.INGEST_SCHEMA.names if n != schema.UID])
+        ingest_rec = StageRecord(0, "ingest", "ingest", INGEST, ingest_columns(self.cfg.ingest))
         self._begin(ingest_rec.name, history)
         self.stage_stats.append(executor.ingest(ingest_rec, units, self.cfg.ingest.model_dump(mode="json")))
         history.append(ingest_rec)
@@ -222,10 +233,8 @@ class Runner:
                 self.stage_stats.append(executor.global_stage(stage, spec))
             history.append(rec)
         emit_rec = StageRecord(len(stages) + 1, "emit", "emit", MAP, [])
-        as_is = [s.name for s in self.seeds if any(r["method"] == "as_is" for r in s.recipes)]
-        has_retrieval = any(s.config.kind == "retrieve" for s in stages)
         self._begin(emit_rec.name, history)
-        self.stage_stats.append(executor.emit(emit_rec, history, as_is, has_retrieval))
+        self.stage_stats.append(executor.emit(emit_rec, history, self._emit_options(stages)))
         history.append(emit_rec)
         self._begin("manifest", history)
         planned = {u.shard: len(u.items) for u in units}
@@ -237,6 +246,29 @@ class Runner:
     def _begin(self, what: str, history: list[StageRecord]) -> None:
         self.current = what
         self._status("running", history)
+
+    def _emit_options(self, stages: list[Stage]) -> dict:
+        return {
+            "as_is": [s.name for s in self.seeds if any(r["method"] == "as_is" for r in s.recipes)],
+            "has_retrieval": any(s.config.kind == "retrieve" for s in stages),
+            "emit": self.cfg.emit.model_dump(mode="json"),
+            "extra_types": self.cfg.ingest.extra_types(),
+        }
+
+    def _start_progress(self, stages: list[Stage], dashboard: str | None) -> RunProgress:
+        """The live display or progress lines (``curation.progress``); every report also updates
+        status.json, at most every 2 s, so ``curate status --run`` sees inside a long stage."""
+        names = ["ingest", *(s.name for s in stages), "emit"]
+        from curation.progress import RunProgress
+
+        self.progress = RunProgress(
+            names, self.req.progress, self.req.progress_interval,
+            on_status=lambda current: self._status("running", self.history),
+            status_interval=min(2.0, self.req.progress_interval),
+        )
+        if dashboard:
+            self.progress.note(f"Ray dashboard: {dashboard}")
+        return self.progress
 
     def _build_stages(self, preflight: bool) -> list[Stage]:
         stages: list[Stage] = []
@@ -257,6 +289,7 @@ class Runner:
             "stages_done": [h.name for h in (history or [])],
             "stages": [s.get("stage") for s in self.stage_stats],
             "stats": self.stage_stats,
+            "current": self.progress.snapshot() if self.progress is not None and state == "running" else None,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if error is not None:
@@ -270,6 +303,7 @@ class Runner:
         write_json_atomic(status, self.store.status_json)
 
     def _manifest(self, stages: list[Stage], history: list[StageRecord], planned: dict[int, int], seconds: float) -> dict:
+        from curation.dataset_card import write_dataset_card
         from curation.manifest import RunFacts, build_manifest
 
         facts = RunFacts(
@@ -285,9 +319,15 @@ class Runner:
         )
         manifest = build_manifest(facts, stages, seconds)
         write_json_atomic(manifest, self.store.manifest_json)
+        write_dataset_card(self.store, manifest)
         return manifest
 
 
 def run_pipeline(req: RunRequest) -> dict:
     """Library entry point behind ``curate run``."""
-    return Runner(req).run()
+    runner = Runner(req)
+    try:
+        return runner.run()
+    finally:
+        if runner.progress is not None:
+            runner.progress.close()

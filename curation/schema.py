@@ -49,6 +49,8 @@ INGEST_SCHEMA = pa.schema(
         pa.field("final_url", pa.string()),
         pa.field("http_status", pa.int32()),
         pa.field("content_type", pa.string()),
+        # A caption or alt text recorded with the input (caption column, tar sample .txt).
+        pa.field("caption", pa.string()),
     ]
 )
 

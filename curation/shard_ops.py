@@ -77,15 +77,18 @@ def ingest_shard(run_dir: str, record: dict, unit: dict, ingest_cfg: dict) -> di
     from curation.config import IngestConfig
     from curation.ingest.plan import WorkUnit
     from curation.ingest.read import read_unit
+    from curation.ingest.rows import ingest_schema
 
     t0 = time.perf_counter()
     store, rec = RunStore(run_dir), StageRecord(**record)
     wu = WorkUnit.from_dict(unit)
-    table = read_unit(wu, IngestConfig.model_validate(ingest_cfg))
+    cfg = IngestConfig.model_validate(ingest_cfg)
+    table = read_unit(wu, cfg)
     reasons = table.column(schema.DROP_REASON)
     dropped = pc.is_valid(reasons)
     ledger = drop_ledger(table, dropped, rec.name, reasons, table.column(schema.DROP_DETAILS))
-    kept = table.filter(pc.invert(dropped)).select(schema.INGEST_SCHEMA.names).cast(schema.INGEST_SCHEMA)
+    stored = ingest_schema(cfg.extra_types())
+    kept = table.filter(pc.invert(dropped)).select(stored.names).cast(stored)
     write_parquet_atomic(ledger, store.ledger_path(rec, wu.shard))
     write_parquet_atomic(kept, store.part_path(rec, wu.shard))
     stats = shard_stats(table.num_rows, kept.num_rows, ledger, time.perf_counter() - t0)
@@ -194,60 +197,38 @@ class MapShardWorker:
 
 
 # ---------------------------------------------------------------------------------------------
-# emit: the dataset shards and the "kept" ledger rows
+# emit: the "kept" ledger rows and what the output shards need to know (curation.emit writes them)
 # ---------------------------------------------------------------------------------------------
-PROVENANCE = {
-    "method": pa.string(),
-    "seed_dataset": pa.string(),
-    "seed_ids": pa.list_(pa.string()),
-    "similarity": pa.float32(),
-    "cluster_id": pa.int64(),
-}
+def kept_mask(table: pa.Table, as_is: list[str]) -> pa.Array:
+    """Rows that go into the dataset: pool images, and seeds of a dataset taken ``as_is``."""
+    role = table.column(schema.ROLE)
+    seed_as_is = pc.and_(pc.equal(role, schema.SEED), pc.is_in(table.column(schema.SEED_DATASET), value_set=pa.array(as_is, pa.string())))
+    return pc.fill_null(pc.or_(pc.equal(role, schema.POOL), seed_as_is), False)
 
 
-def dataset_columns(view: ShardView, shard: int) -> list[str]:
-    """Every column worth shipping: base + provenance + scalar stage outputs. Descriptors and
-    embeddings (fixed-size lists) and local features (structs) stay in their stage directories
-    and are never read here."""
-    return [
-        c for c, typ in view.column_types(shard).items()
-        if c not in (schema.DROP_REASON, schema.DROP_DETAILS) and not (pa.types.is_fixed_size_list(typ) or pa.types.is_struct(typ))
-    ]
-
-
-def emit_shard(run_dir: str, spec: dict, shard: int, as_is: list[str], has_retrieval: bool) -> dict:
+def emit_shard(run_dir: str, spec: dict, shard: int) -> dict:
+    """Ledger rows of one shard at the end of the pipeline (kept, or ``used_as_query`` /
+    ``evaluation_set``), and in its marker what the output layout needs: kept rows, per-row
+    image bytes (when output shards are sized in bytes), whether any has a caption or label."""
     t0 = time.perf_counter()
     spec_ = StageSpec(**spec)
+    opts = spec_.config
     store, rec, view = RunStore(run_dir), spec_.rec(), spec_.view(RunStore(run_dir))
-    table = view.read(shard, dataset_columns(view, shard))
+    by_bytes = bool(opts["emit"].get("shard_bytes"))
+    cols = [schema.ROLE, schema.SEED_DATASET, *LEDGER_BASE_COLUMNS, "caption", schema.LABEL, *([schema.BYTES] if by_bytes else [])]
+    table = view.read(shard, cols)
     role = table.column(schema.ROLE)
-    is_pool = pc.equal(role, schema.POOL)
-    is_seed = pc.equal(role, schema.SEED)
-    seed_as_is = pc.and_(is_seed, pc.is_in(table.column(schema.SEED_DATASET), value_set=pa.array(as_is, pa.string())))
-    kept_mask = pc.fill_null(pc.or_(is_pool, seed_as_is), False)
+    keep = kept_mask(table, opts["as_is"])
     reasons = pc.if_else(pc.equal(role, schema.EXCLUDE), pa.scalar("evaluation_set"), pa.scalar("used_as_query"))
     details = pa.array([json.dumps({"role": r}) for r in role.to_pylist()], pa.string())
-    ledger_drop = drop_ledger(table, pc.invert(kept_mask), rec.name, reasons, details)
-    kept = _fill_provenance(table.filter(kept_mask), has_retrieval)
+    ledger_drop = drop_ledger(table, pc.invert(keep), rec.name, reasons, details)
+    kept = table.filter(keep)
     ledger = pa.concat_tables([ledger_drop, ledger_rows(kept, rec.name, KEPT)]).sort_by(schema.UID)
     write_parquet_atomic(ledger, store.ledger_path(rec, shard))
-    out_path = store.dataset_dir / f"part-{shard:05d}.parquet"
-    if kept.num_rows:
-        write_parquet_atomic(kept, out_path, row_group_size=256)
-    elif out_path.exists():
-        out_path.unlink()
     stats = shard_stats(table.num_rows, kept.num_rows, ledger_drop, time.perf_counter() - t0)
+    stats["has"] = [c for c in ("caption", schema.LABEL) if kept.column(c).null_count < kept.num_rows]
+    if by_bytes:
+        stats["row_bytes"] = pc.fill_null(pc.binary_length(kept.column(schema.BYTES)), 0).to_pylist()
     store.mark_shard_done(rec, shard, stats)
     record_stage_shard(rec.name, stats)
     return stats
-
-
-def _fill_provenance(kept: pa.Table, has_retrieval: bool) -> pa.Table:
-    """Seeds are taken as they are; pool images carry the retrieve stage's method or, without
-    retrieval, 'pool'."""
-    for name, typ in PROVENANCE.items():
-        if name not in kept.column_names:
-            kept = kept.append_column(name, pa.nulls(kept.num_rows, typ))
-    pool_method = pc.coalesce(kept.column("method"), pa.scalar("retrieved" if has_retrieval else "pool"))
-    method = pc.if_else(pc.equal(kept.column(schema.ROLE), schema.SEED), pa.scalar("as_is"), pool_method)
-    return kept.set_column(kept.column_names.index("method"), "method", method)

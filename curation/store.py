@@ -41,6 +41,13 @@ def write_json_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
@@ -109,8 +116,8 @@ class RunStore:
     def plan_outputs(self) -> list[Path]:
         """Everything made under the current plan: what a re-plan discards. The plan goes last,
         so a replan killed half-way still has the old plan (and its marker) to finish from."""
-        return [self.run_dir / "stages", self.ledger_root, self.dataset_dir, self.manifest_json,
-                self.run_dir / "report.html", self.plan_json]
+        return [self.run_dir / "stages", self.ledger_root, self.dataset_dir, self.run_dir / "webdataset",
+                self.run_dir / "README.md", self.manifest_json, self.run_dir / "report.html", self.plan_json]
 
     @property
     def dataset_dir(self) -> Path:
@@ -214,6 +221,12 @@ class ShardView:
                     uids = uids.filter(pc.invert(pc.is_in(uids, value_set=dropped.combine_chunks())))
         uids = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
         return pa.table({schema.UID: uids, **self._columns(shard, columns, uids, len(self.history))})
+
+    def read_as_written(self, shard: int, columns: list[str], uids: pa.Array, upto: int) -> pa.Table:
+        """``columns`` for ``uids`` as the first ``upto`` stages of the history left them
+        (``upto=1``: as ingested, before any stage replaced them)."""
+        uids = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
+        return pa.table({schema.UID: uids, **self._columns(shard, list(columns), uids, upto)})
 
     def column_types(self, shard: int) -> dict[str, pa.DataType]:
         """Type of every available column, from the Parquet footers of the files that provide

@@ -32,6 +32,15 @@ def dataset_rows(run_dir: Path, columns=("uid", "id", "source_key")) -> list[tup
     return sorted(rows)
 
 
+def stage_values(run_dir: Path, stage: str, column: str) -> dict[int, object]:
+    """uid -> ``column`` as stage ``stage`` wrote it (stage columns stay out of the dataset)."""
+    out = {}
+    for p in sorted((run_dir / "stages").glob(f"*_{stage}/part-*.parquet")):
+        t = pq.read_table(p, columns=["uid", column])
+        out.update(zip(t.column("uid").to_pylist(), t.column(column).to_pylist()))
+    return out
+
+
 def ledger_rows(run_dir: Path) -> list[tuple]:
     rows = []
     for p in sorted((run_dir / "ledger").rglob("*.parquet")):

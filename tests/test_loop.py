@@ -64,8 +64,8 @@ def test_curate_train_export_and_curate_again(tmp_path, shared_data, ray_local):
     run_pipeline(RunRequest(pools=[str(pool)], seeds=[str(seeds)], out=second, config=load_config(pipeline)))
     m = manifest(second)
     assert m["counts"]["input"] == m["counts"]["kept"] + sum(m["counts"]["dropped"].values())
-    rows = [r for s in m["shards"] for r in pq.read_table(second / s["path"], columns=["role", "method", "seed_ids", "similarity"]).to_pylist()]
-    retrieved = [r for r in rows if r["role"] == "pool"]
+    rows = [r for s in m["shards"] for r in pq.read_table(second / s["path"], columns=["source", "method", "seed_ids", "similarity"]).to_pylist()]
+    retrieved = [r for r in rows if r["source"] == "pool"]
     n_seeds = sum(1 for _ in seeds.rglob("*.JPEG"))
     assert 0 < len(retrieved) <= 2 * n_seeds
     assert all(r["method"] == "sample" and r["seed_ids"] and -1 <= r["similarity"] <= 1 for r in retrieved)

@@ -34,6 +34,7 @@ def setup(tmp_path_factory, shared_data):
     config.write_text(
         "ingest: {shard_size: 3}\n"
         "stages: [{kind: decode, min_side: 32}, {kind: exact_dedup}]\n"
+        "emit: {shard_rows: 4}\n"
         "ray: {num_cpus: 2, include_dashboard: false}\n"
     )
     reference = root / "reference"
@@ -53,7 +54,12 @@ def wait_for(pattern: str, run_dir: Path, proc: subprocess.Popen, timeout=240) -
     pytest.fail(f"{pattern} never appeared")
 
 
-@pytest.mark.parametrize("kill_when", ["stages/00_ingest/part-00002.done", "stages/01_decode/part-00001.done"])
+@pytest.mark.parametrize("kill_when", [
+    "stages/00_ingest/part-00002.done",
+    "stages/01_decode/part-00001.done",
+    # emit writes its output shards (4 rows each here) one task each, marker after the files
+    pytest.param("stages/03_emit/output/part-00000.done", marks=pytest.mark.slow),
+])
 def test_killed_run_resumes_to_identical_output(setup, tmp_path, kill_when):
     pool, config, reference = setup
     out = tmp_path / "run"

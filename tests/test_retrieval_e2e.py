@@ -72,8 +72,8 @@ def dataset(run_dir):
 def test_dataset_is_as_is_seeds_plus_retrieved_pool_with_provenance(run):
     run, _ = run
     rows = dataset(run)
-    pool_rows = [r for r in rows if r["role"] == "pool"]
-    seed_rows = [r for r in rows if r["role"] == "seed"]
+    pool_rows = [r for r in rows if r["source"] == "pool"]
+    seed_rows = [r for r in rows if r["source"].startswith("seed:")]
     assert len(seed_rows) == 30 and {r["seed_dataset"] for r in seed_rows} == {"inet"}
     assert {r["method"] for r in seed_rows} == {"as_is"}
     assert pool_rows, "retrieval kept no pool image"
@@ -95,7 +95,7 @@ def test_manifest_reports_table15_figures_and_the_ledger_explains_every_pool_ima
     assert inet["final"] == inet["retrieved"] - inet["collisions"]
     assert cal["seed_images"] == 10 and cal["final"] <= 40  # the cap
     rows = dataset(run)
-    retrieved = [r for r in rows if r["role"] == "pool"]
+    retrieved = [r for r in rows if r["source"] == "pool"]
     assert len(retrieved) == len({r["uid"] for r in retrieved})
     per_ds = {d: sum(1 for r in retrieved if d in r["seed_dataset"].split(",")) for d in ("inet", "cal")}
     assert per_ds == {"inet": inet["final"], "cal": cal["final"]}

@@ -14,7 +14,7 @@ import pytest
 
 from curation.config import load_config
 from curation.runner import RunError, RunRequest, run_pipeline
-from tests.helpers import copy_images, dataset_rows, ledger_rows, manifest
+from tests.helpers import copy_images, dataset_rows, ledger_rows, manifest, stage_values
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +86,20 @@ def test_dataset_rows_are_lvd_style(run_dir):
         path = run_dir / s["path"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == s["sha256"]
     t = pq.read_table(run_dir / m["shards"][0]["path"])
-    for col in ("id", "bytes", "width", "height", "source", "source_key", "method", "seed_dataset", "seed_ids", "similarity", "cluster_id"):
+    # The column contract (curation.contract): stable columns only, internal ones stay in stages/.
+    assert t.column_names == [c["name"] for c in m["dataset"]["columns"]] == m["columns"]
+    for col in ("key", "image", "id", "sha256", "width", "height", "original_width", "original_height", "source", "source_key",
+                "url", "label", "method", "seed_dataset", "seed_ids", "similarity", "cluster_id"):
         assert col in t.column_names
-    seeds = [r for r in t.to_pylist() if r["role"] == "seed"]
-    assert all(r["method"] == "as_is" and r["seed_dataset"] == "seeds" for r in seeds)
+    assert not {"role", "bytes", "normalized", "mode", "phash", "caption"} & set(t.column_names)  # no input had a caption
+    rows = [r for s in m["shards"] for r in pq.read_table(run_dir / s["path"]).to_pylist()]
+    seeds = [r for r in rows if r["source"] == "seed:seeds"]
+    assert len(seeds) == 12 and all(r["method"] == "as_is" and r["seed_dataset"] == "seeds" for r in seeds)
     assert m["seeds"]["seeds"]["as_is_kept"] == 12
-    for r in t.to_pylist()[:5]:
-        assert hashlib.sha256(r["bytes"]).hexdigest() == r["id"] or r["normalized"]
+    assert all(hashlib.sha256(r["image"]["bytes"]).hexdigest() == r["sha256"] for r in rows)
+    normalized = stage_values(run_dir, "decode", "normalized")
+    assert all((r["id"] == r["sha256"]) != bool(normalized[r["uid"]]) for r in rows)  # stored bytes differ only when re-encoded
+    assert len({r["key"] for r in rows}) == len(rows) and all(r["image"]["path"].startswith(r["key"] + ".") for r in rows)
 
 
 def test_query_and_status_commands(run_dir):

@@ -18,7 +18,7 @@ from curation.imaging import decode_rgb
 from curation.runner import RunRequest, run_pipeline
 from curation.safety.faces import FaceDetector
 from curation.stage import StageError
-from tests.helpers import ledger_rows, manifest
+from tests.helpers import ledger_rows, manifest, stage_values
 from tests.test_safety_nsfw import write_opennsfw2_weights
 
 pytestmark = pytest.mark.slow
@@ -75,12 +75,13 @@ def test_emitted_faces_are_blurred_and_other_images_untouched(tmp_path, pool, we
     run_pipeline(RunRequest(pools=[str(pool)], out=out, config=config(weights["safe"]), progress=False))
     rows = dataset(out)
     assert set(rows) == {p.name for p in pool.iterdir()}
-    assert rows["multiface.jpg"]["faces"] == 6 and rows["paul_rudd.jpg"]["faces"] >= 1
-    found = FaceDetector().detect([decode_rgb(r["bytes"]) for r in rows.values()])
+    faces, nsfw = stage_values(out, "face_blur", "faces"), stage_values(out, "nsfw", "nsfw_score")
+    assert faces[rows["multiface.jpg"]["uid"]] == 6 and faces[rows["paul_rudd.jpg"]["uid"]] >= 1
+    found = FaceDetector().detect([decode_rgb(r["image"]["bytes"]) for r in rows.values()])
     assert [len(f) for f in found] == [0] * len(rows)
     for c in OBJECTS:
-        assert rows[f"{c}.jpg"]["bytes"] == (pool / f"{c}.jpg").read_bytes()
-        assert rows[f"{c}.jpg"]["nsfw_score"] < 0.001
+        assert rows[f"{c}.jpg"]["image"]["bytes"] == (pool / f"{c}.jpg").read_bytes()
+        assert nsfw[rows[f"{c}.jpg"]["uid"]] < 0.001
     m = manifest(out)
     assert m["stage_reports"]["nsfw"]["applied"] is True
     assert m["stage_reports"]["face_blur"]["applied"] is True
@@ -111,4 +112,5 @@ def test_missing_weights_stop_before_work_unless_allowed(tmp_path, pool, ray_loc
     assert any(w.startswith("NSFW filtering was NOT applied") for w in m["warnings"])
     rows = dataset(out)
     assert len(rows) == len(list(pool.iterdir()))
-    assert all(r["nsfw_score"] is None for r in rows.values())
+    nsfw = stage_values(out, "nsfw", "nsfw_score")
+    assert len(nsfw) == len(rows) and all(v is None for v in nsfw.values())

@@ -24,6 +24,20 @@ from curation.ingest.url_rules import UrlRules
 BYTES_COLUMNS = ("image", "bytes", "jpg", "jpeg", "png", "img")
 URL_COLUMNS = ("url", "URL", "image_url")
 LABEL_COLUMN = "label"
+CAPTION_COLUMNS = ("caption", "text", "TEXT", "alt_text", "alt")
+
+
+def caption_column(names: list[str], preferred: str | None) -> str | None:
+    """The caption column of a Parquet/CSV input: ``ingest.caption_column`` or the first of
+    ``CAPTION_COLUMNS`` present."""
+    if preferred:
+        return preferred if preferred in names else None
+    return next((c for c in CAPTION_COLUMNS if c in names), None)
+
+
+def metadata_columns(names: list[str], cfg: IngestConfig) -> tuple[str | None, list[str]]:
+    """(caption column, pass-through columns) that this input has."""
+    return caption_column(names, cfg.caption_column), [c for c in cfg.extra_types() if c in names]
 
 
 @dataclass(frozen=True)
@@ -82,9 +96,22 @@ def inspect(path: str, cfg: IngestConfig) -> ParquetLayout:
     )
 
 
-def read_urls(path: str, column: str) -> list[str]:
-    values = pq.read_table(path, columns=[column]).column(column).to_pylist()
-    return ["" if v is None else v for v in values]
+def read_urls(path: str, column: str, cfg: IngestConfig | None = None) -> list:
+    """The URLs of a Parquet URL list; with a caption or pass-through column, each item is a
+    ``{"url", "caption", "extra"}`` dict (``urls.url_item`` reads both)."""
+    names = pq.read_schema(path).names
+    caption, extra = metadata_columns(names, cfg) if cfg is not None else (None, [])
+    table = pq.read_table(path, columns=list(dict.fromkeys([column, *([caption] if caption else []), *extra])))
+    values = ["" if v is None else v for v in table.column(column).to_pylist()]
+    if caption is None and not extra:
+        return values
+    captions = table.column(caption).to_pylist() if caption else [None] * len(values)
+    extras = {c: table.column(c).to_pylist() for c in extra}
+    return [url_record(u, captions[i], {c: v[i] for c, v in extras.items()}) for i, u in enumerate(values)]
+
+
+def url_record(url: str, caption, extra: dict) -> dict:
+    return {"url": url, "caption": None if caption is None else str(caption), "extra": extra}
 
 
 def source_key(location: str, item: int) -> str:
@@ -126,9 +153,13 @@ def read_bytes_rows(location: str, items: tuple, cfg: IngestConfig, rules: UrlRu
         raise ValueError("the bytes column disappeared since planning")
     url_col = url_column(schema, cfg.url_column)
     has_label = schema.get_field_index(LABEL_COLUMN) >= 0
+    caption_col, extra_cols = metadata_columns(schema.names, cfg)
     columns = [col] + ([url_col] if url_col else []) + ([LABEL_COLUMN] if has_label else [])
+    columns = list(dict.fromkeys(columns + ([caption_col] if caption_col else []) + extra_cols))
     start, stop = items[0], items[-1] + 1
     table = _rows(pf, columns, start, stop)
+    captions = table.column(caption_col).to_pylist() if caption_col else None
+    extras = {c: table.column(c).to_pylist() for c in extra_cols}
     images = table.column(col).to_pylist()
     urls = table.column(url_col).to_pylist() if url_col else [None] * len(images)
     labels = table.column(LABEL_COLUMN).to_pylist() if has_label else [None] * len(images)
@@ -140,12 +171,16 @@ def read_bytes_rows(location: str, items: tuple, cfg: IngestConfig, rules: UrlRu
             label = names[label]
         label = None if label is None else str(label)
         key = source_key(location, row)
+        meta = {
+            "label": label, "url": url, "caption": captions[row - start] if captions else None,
+            "extra": {c: v[row - start] for c, v in extras.items()},
+        }
         if data is not None and len(data) > cfg.http.max_bytes:
-            rows.add(index, key, data, reason=R.TOO_LARGE, details={"bytes": len(data), "max_bytes": cfg.http.max_bytes}, label=label, url=url)
+            rows.add(index, key, data, reason=R.TOO_LARGE, details={"bytes": len(data), "max_bytes": cfg.http.max_bytes}, **meta)
             continue
         block = rules.check(url) if url else None
         if block is not None:
-            rows.add(index, key, data, reason=block.reason, details=block.details, label=label, url=url)
+            rows.add(index, key, data, reason=block.reason, details=block.details, **meta)
             continue
         details = {"path": value.get("path")} if isinstance(value, dict) and data is None and value.get("path") else None
-        rows.add(index, key, data, label=label, url=url, details=details)
+        rows.add(index, key, data, details=details, **meta)

@@ -162,7 +162,7 @@ def _parquet_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, lis
     try:
         layout = parquet.inspect(path, cfg)
         if layout.kind == "urls":
-            yield "urls", path, parquet.read_urls(path, layout.column)
+            yield "urls", path, parquet.read_urls(path, layout.column, cfg)
             return
     except Exception as e:  # unreadable file or row data: one malformed_shard row
         yield _error(path, str(e))
@@ -173,7 +173,7 @@ def _parquet_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, lis
 def _url_list_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
     try:
         if path.lower().endswith(".csv"):
-            items = urls.read_csv(path, cfg.url_column)
+            items = urls.read_csv(path, cfg.url_column, cfg)
         else:
             items = urls.read_txt(path)
     except (ValueError, OSError, UnicodeDecodeError) as e:

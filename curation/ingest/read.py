@@ -29,19 +29,19 @@ def _source_key(unit: WorkUnit, item) -> str:
     if unit.kind == "parquet":
         return parquet.source_key(unit.location, item)
     if unit.kind == "urls":
-        return item
+        return urls.url_item(item)[0]
     return unit.location
 
 
 def read_unit(unit: WorkUnit, cfg: IngestConfig) -> pa.Table:
     """One row per item of ``unit``; schema ``OUTPUT_SCHEMA`` (ingest columns + drop columns)."""
     spec = unit.spec
-    rows = RowBuilder(unit.shard, spec.role, spec.source, spec.seed_dataset)
+    rows = RowBuilder(unit.shard, spec.role, spec.source, spec.seed_dataset, cfg.extra_types())
     try:
         if unit.kind == "files":
             files.read_files(unit.location, unit.items, cfg.http.max_bytes, rows)
         elif unit.kind == "tar":
-            tars.read_tar(unit.location, unit.items, cfg.http.max_bytes, rules_for(cfg.url_rules), rows)
+            tars.read_tar(unit.location, unit.items, cfg.http.max_bytes, rules_for(cfg.url_rules), rows, list(cfg.extra_types()))
         elif unit.kind == "parquet":
             parquet.read_bytes_rows(unit.location, unit.items, cfg, rules_for(cfg.url_rules), rows)
         elif unit.kind == "urls":

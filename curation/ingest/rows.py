@@ -20,6 +20,43 @@ from curation.ingest import errors as R
 OUTPUT_SCHEMA = schema.INGEST_SCHEMA.append(pa.field(schema.DROP_REASON, pa.string())).append(
     pa.field(schema.DROP_DETAILS, pa.string())
 )
+EXTRA_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
+
+
+def extra_fields(types: dict[str, str]) -> list[pa.Field]:
+    """Arrow fields of the pass-through columns (``ingest.extra_columns``)."""
+    return [pa.field(name, EXTRA_TYPES[t]) for name, t in types.items()]
+
+
+def ingest_schema(extra_types: dict[str, str]) -> pa.Schema:
+    """The ingest stage's stored columns: ``INGEST_SCHEMA`` plus the pass-through columns."""
+    out = schema.INGEST_SCHEMA
+    for f in extra_fields(extra_types):
+        out = out.append(f)
+    return out
+
+
+def ingest_columns(cfg) -> list[str]:
+    """Columns the ingest stage writes besides ``uid`` (its ``StageRecord.columns``)."""
+    return [n for n in ingest_schema(cfg.extra_types()).names if n != schema.UID]
+
+
+def _coerce(value: Any, kind: str) -> Any:
+    """A pass-through value as its declared type; a value that does not convert is null."""
+    if value is None:
+        return None
+    try:
+        if kind == "string":
+            return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        if kind == "bool":
+            if isinstance(value, str):
+                return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(value.strip().lower())
+            return bool(value)
+        if kind == "int64":
+            return int(value) if not isinstance(value, float) or value.is_integer() else None
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def content_id(data: bytes | None, source_key: str) -> str:
@@ -47,7 +84,8 @@ def classify_image(data: bytes) -> tuple[str | None, dict | None, str | None, in
 class RowBuilder:
     """Collects rows of one work unit (in any order) and emits them sorted by item index."""
 
-    def __init__(self, shard: int, role: str, source: str, seed_dataset: str | None):
+    def __init__(self, shard: int, role: str, source: str, seed_dataset: str | None, extra_types: dict[str, str] | None = None):
+        self.extra_types = dict(extra_types or {})
         self.shard = shard
         self.role = role
         self.source = source
@@ -70,6 +108,8 @@ class RowBuilder:
         final_url: str | None = None,
         http_status: int | None = None,
         content_type: str | None = None,
+        caption: str | None = None,
+        extra: dict | None = None,
     ) -> None:
         """Add item ``index``. With no ``reason`` the content is checked as an image; bytes are
         kept only for rows that survive (the ledger needs the id, not the pixels)."""
@@ -98,10 +138,15 @@ class RowBuilder:
             "final_url": final_url,
             "http_status": http_status,
             "content_type": content_type,
+            "caption": None if caption is None else str(caption),
+            **{name: _coerce((extra or {}).get(name), kind) for name, kind in self.extra_types.items()},
             schema.DROP_REASON: reason,
             schema.DROP_DETAILS: None if details is None else json.dumps(details, sort_keys=True, default=str),
         }
 
     def table(self) -> pa.Table:
         rows = [self._rows[i] for i in sorted(self._rows)]
-        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+        out_schema = OUTPUT_SCHEMA
+        for f in extra_fields(self.extra_types):
+            out_schema = out_schema.append(f)
+        return pa.Table.from_pylist(rows, schema=out_schema)

@@ -96,24 +96,28 @@ def source_key(location: str, item: dict) -> str:
     return f"{location}::{member}"
 
 
-def read_tar(location: str, items: tuple, max_bytes: int, rules: UrlRules, rows: RowBuilder) -> None:
+CAPTION_EXTS = ("txt", "caption", "text")
+
+
+def read_tar(location: str, items: tuple, max_bytes: int, rules: UrlRules, rows: RowBuilder, extra: list[str] = ()) -> None:
     size = os.path.getsize(location)
     with open(location, "rb") as f:
         for index, item in enumerate(items):
-            _read_sample(f, size, location, index, item, max_bytes, rules, rows)
+            _read_sample(f, size, location, index, item, max_bytes, rules, rows, list(extra))
 
 
-def _read_sample(f, tar_size: int, location: str, index: int, item: dict, max_bytes: int, rules: UrlRules, rows: RowBuilder) -> None:
+def _read_sample(f, tar_size: int, location: str, index: int, item: dict, max_bytes: int, rules: UrlRules, rows: RowBuilder, extra: list[str]) -> None:
     if item.get("unsafe"):
         name, why = item["unsafe"]
         rows.add(index, f"{location}::{name}", None, reason=R.UNSAFE_MEMBER, details={"member": name, "error": why})
         return
-    meta = _read_metadata(f, item["members"])
+    meta = _read_metadata(f, item["members"], extra)
     label, url = meta.get("label"), meta.get("url")
+    more = {"caption": meta.get("caption"), "extra": meta.get("extra", {})}
     candidates = [m for m in item["members"] if sample_key(m[0])[1].rpartition(".")[2] not in METADATA_EXTS]
     if not candidates:
         rows.add(index, source_key(location, item), None, reason=R.MISSING_BYTES,
-                 details={"error": "sample has no image member", "members": [m[0] for m in item["members"]]}, label=label, url=url)
+                 details={"error": "sample has no image member", "members": [m[0] for m in item["members"]]}, label=label, url=url, **more)
         return
     chosen = None
     for name, offset, length in candidates:
@@ -129,29 +133,35 @@ def _read_sample(f, tar_size: int, location: str, index: int, item: dict, max_by
     key = f"{location}::{name}"
     if offset + length > tar_size:
         rows.add(index, key, None, reason=R.MALFORMED_SHARD,
-                 details={"member": name, "error": "member data cut short by the end of the tar"}, label=label, url=url)
+                 details={"member": name, "error": "member data cut short by the end of the tar"}, label=label, url=url, **more)
         return
     if length > max_bytes:
-        rows.add(index, key, None, reason=R.TOO_LARGE, details={"bytes": length, "max_bytes": max_bytes}, label=label, url=url)
+        rows.add(index, key, None, reason=R.TOO_LARGE, details={"bytes": length, "max_bytes": max_bytes}, label=label, url=url, **more)
         return
     f.seek(offset)
     data = f.read(length)
     block = rules.check(url) if url else None
     if block is not None:
-        rows.add(index, key, data, reason=block.reason, details=block.details, label=label, url=url)
+        rows.add(index, key, data, reason=block.reason, details=block.details, label=label, url=url, **more)
         return
-    rows.add(index, key, data, label=label, url=url)
+    rows.add(index, key, data, label=label, url=url, **more)
 
 
-def _read_metadata(f, members: list) -> dict:
-    """``url`` and ``label`` from a sample's ``.json`` / ``.cls`` members (img2dataset, webdataset)."""
-    out: dict = {}
+def _read_metadata(f, members: list, extra: list[str] = ()) -> dict:
+    """``url``, ``label``, ``caption`` and the pass-through keys ``extra`` from a sample's
+    ``.json`` / ``.cls`` / ``.txt`` members (img2dataset, webdataset)."""
+    out: dict = {"extra": {}}
     for name, offset, length in members:
         ext = sample_key(name)[1].rpartition(".")[2]
-        if ext not in ("json", "cls") or length > MAX_METADATA_BYTES:
+        if ext not in ("json", "cls", *CAPTION_EXTS) or length > MAX_METADATA_BYTES:
             continue
         f.seek(offset)
         raw = f.read(length)
+        if ext in CAPTION_EXTS:
+            text = raw.decode("utf-8", "replace").strip()
+            if text:
+                out.setdefault("caption", text)
+            continue
         if ext == "cls":
             text = raw.decode("utf-8", "replace").strip()
             if text:
@@ -168,4 +178,7 @@ def _read_metadata(f, members: list) -> dict:
         for field in ("label", "cls", "class"):
             if doc.get(field) is not None and "label" not in out:
                 out["label"] = str(doc[field])
+        if isinstance(doc.get("caption"), str) and doc["caption"].strip():
+            out.setdefault("caption", doc["caption"].strip())
+        out["extra"].update({k: doc[k] for k in extra if k in doc})
     return out

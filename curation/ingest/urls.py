@@ -15,7 +15,7 @@ import io
 from curation.config import IngestConfig
 from curation.ingest import errors as R
 from curation.ingest.http import fetch_urls, url_problem
-from curation.ingest.parquet import URL_COLUMNS
+from curation.ingest.parquet import URL_COLUMNS, metadata_columns, url_record
 from curation.ingest.rows import RowBuilder
 from curation.ingest.url_rules import UrlRules
 
@@ -26,8 +26,9 @@ def read_txt(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
 
 
-def read_csv(path: str, preferred: str | None) -> list[str]:
-    """The URL column of a CSV with a header; ``ValueError`` when there is none."""
+def read_csv(path: str, preferred: str | None, cfg: IngestConfig | None = None) -> list:
+    """The URL column of a CSV with a header; ``ValueError`` when there is none. With a caption
+    or pass-through column, each item is a ``{"url", "caption", "extra"}`` dict."""
     with open(path, encoding="utf-8", newline="") as f:
         text = f.read()
     reader = csv.DictReader(io.StringIO(text))
@@ -38,27 +39,39 @@ def read_csv(path: str, preferred: str | None) -> list[str]:
     column = next((c for c in ([preferred] if preferred else []) + list(URL_COLUMNS) if c in header), None)
     if column is None:
         raise ValueError(f"CSV has no URL column (header: {', '.join(header) or '(empty)'}); set ingest.url_column")
+    caption, extra = metadata_columns(header, cfg) if cfg is not None else (None, [])
     try:
-        return [(row.get(column) or "").strip() for row in reader]
+        rows = list(reader)
     except csv.Error as e:
         raise ValueError(f"malformed CSV: {e}") from None
+    if caption is None and not extra:
+        return [(row.get(column) or "").strip() for row in rows]
+    return [url_record((row.get(column) or "").strip(), row.get(caption) if caption else None, {c: row.get(c) for c in extra}) for row in rows]
+
+
+def url_item(item) -> tuple[str, dict]:
+    """(URL, its caption/extra metadata) of a plan item: a URL string or a ``url_record``."""
+    if isinstance(item, dict):
+        return item.get("url") or "", {"caption": item.get("caption"), "extra": item.get("extra") or {}}
+    return item, {}
 
 
 def read_urls(items: tuple, cfg: IngestConfig, rules: UrlRules, rows: RowBuilder) -> None:
     pending: list[int] = []
-    for index, url in enumerate(items):
+    parsed = [url_item(i) for i in items]
+    for index, (url, meta) in enumerate(parsed):
         problem = url_problem(url)
         if problem is not None:
-            rows.add(index, url, None, reason=R.BAD_URL, details={"error": problem}, url=url)
+            rows.add(index, url, None, reason=R.BAD_URL, details={"error": problem}, url=url, **meta)
             continue
         block = rules.check(url.strip())
         if block is not None:
-            rows.add(index, url, None, reason=block.reason, details=block.details, url=url)
+            rows.add(index, url, None, reason=block.reason, details=block.details, url=url, **meta)
             continue
         pending.append(index)
-    results = fetch_urls([items[i].strip() for i in pending], cfg.http, rules)
+    results = fetch_urls([parsed[i][0].strip() for i in pending], cfg.http, rules)
     for index, res in zip(pending, results):
-        url = items[index]
+        url, meta = parsed[index]
         rows.add(
             index,
             url,
@@ -69,4 +82,5 @@ def read_urls(items: tuple, cfg: IngestConfig, rules: UrlRules, rows: RowBuilder
             final_url=res.final_url,
             http_status=res.status,
             content_type=res.content_type,
+            **meta,
         )

@@ -281,6 +281,7 @@ class PartitionedRun:
         step_dir = self.steps_dir / name
         if name not in self.plan["done"]:
             pending = [t for t in tasks if not files.task_done(step_dir, t)]
+            self._progress().step(self.rec.name, name, total=len(tasks), done=len(tasks) - len(pending))
             if pending:
                 items = [self._item(name, t) for t in pending]
                 self.tasks.run_tasks(f"{self.rec.name}:{name}", items, run_task, num_cpus=num_cpus)
@@ -291,6 +292,12 @@ class PartitionedRun:
         stats = [files.read_marker(step_dir, t)["stats"] for t in tasks]
         self.step_stats[name] = stats
         return stats
+
+    def _progress(self):
+        """The executor's progress display (a no-op one for bare task runners)."""
+        from curation.progress import RunProgress
+
+        return getattr(self.tasks, "progress", None) or RunProgress([], mode="off")
 
     def _item(self, name: str, task: int) -> dict:
         return {
@@ -339,6 +346,7 @@ class PartitionedRun:
             self.plan["n_rows"] = int(sum(s["counters"]["rows"] for s in counted))
             self._save(self.plan)
         steps = self.stage.partitioned_steps()
+        self._progress().steps(self.rec.name, [COUNT, *(s.name for s in steps), FINALIZE])
         for step in steps:
             self.run_step(step)
         producer = next((s for s in reversed(steps) if any(o.name == DROPS for o in getattr(s, "outputs", []))), None)

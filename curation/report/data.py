@@ -20,12 +20,15 @@ from curation.ledger import KEPT, read_ledger
 
 class Images:
     """Image bytes by uid: the emitted (possibly blurred) copy if the row was kept, else the
-    ingested original. Reads only the shards asked for."""
+    ingested original. Output shards are rebalanced, so the dataset is searched by uid (only
+    its ``uid`` and ``image`` columns are read, and only the row groups that hold those uids)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         ingest = sorted((run_dir / "stages").glob("*_ingest"))
         self.ingest_dir = ingest[0] if ingest else None
+        files = sorted((run_dir / "dataset").glob("part-*.parquet"))
+        self.dataset = pads.dataset([str(f) for f in files], format="parquet") if files else None
 
     def _read(self, path: Path, uids: list[int]) -> dict[int, bytes]:
         if not path.exists():
@@ -33,18 +36,22 @@ class Images:
         t = pq.read_table(path, columns=[schema.UID, schema.BYTES], filters=[(schema.UID, "in", uids)])
         return dict(zip(t.column(schema.UID).to_pylist(), t.column(schema.BYTES).to_pylist()))
 
+    def _emitted(self, uids: list[int]) -> dict[int, bytes]:
+        if self.dataset is None or not uids:
+            return {}
+        t = self.dataset.to_table(columns=[schema.UID, "image"], filter=pads.field(schema.UID).isin(uids))
+        return dict(zip(t.column(schema.UID).to_pylist(), (i["bytes"] for i in t.column("image").to_pylist())))
+
     def get(self, uids) -> dict[int, bytes]:
+        wanted = sorted(set(int(u) for u in uids))
+        out = self._emitted(wanted)
         by_shard: dict[int, list[int]] = defaultdict(list)
-        for u in set(int(u) for u in uids):
-            by_shard[schema.shard_of_uid(u)].append(u)
-        out: dict[int, bytes] = {}
+        for u in wanted:
+            if u not in out:
+                by_shard[schema.shard_of_uid(u)].append(u)
         for shard, us in by_shard.items():
-            name = f"part-{shard:05d}.parquet"
-            found = self._read(self.run_dir / "dataset" / name, us)
-            missing = [u for u in us if u not in found]
-            if missing and self.ingest_dir is not None:
-                found.update(self._read(self.ingest_dir / name, missing))
-            out.update(found)
+            if self.ingest_dir is not None:
+                out.update(self._read(self.ingest_dir / f"part-{shard:05d}.parquet", us))
         return out
 
 

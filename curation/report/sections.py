@@ -161,10 +161,10 @@ RETRIEVED = ("sample", "cluster")
 def retrieval_section(run: RunData, images: Images, samples: int, seeds_per_row: int = 3) -> str:
     if "retrieve" not in run.stage_kinds:
         return section("retrieval", "Retrieved images beside their seeds", None, "No retrieve stage ran: the pool was kept without seed-based retrieval.")
-    t = run.dataset([schema.UID, "method", schema.SEED_DATASET, "seed_ids", "similarity", "cluster_id", schema.SOURCE_KEY, schema.ROLE])
+    t = run.dataset([schema.UID, "method", schema.SEED_DATASET, "seed_ids", "similarity", "cluster_id", schema.SOURCE_KEY, schema.SOURCE])
     if "seed_ids" not in t.column_names or t.num_rows == 0:
         return section("retrieval", "Retrieved images beside their seeds", None, "The dataset has no retrieval provenance columns.")
-    t = t.filter(pc.equal(t.column(schema.ROLE), schema.POOL))
+    t = t.filter(pc.equal(t.column(schema.SOURCE), "pool"))
     rows = [r for r in t.sort_by(schema.UID).to_pylist() if r["method"] and any(m in RETRIEVED for m in r["method"].split("+"))]
     if not rows:
         return section("retrieval", "Retrieved images beside their seeds", None, "retrieve ran but retrieved no pool image (no seed dataset given, or nothing similar enough).")

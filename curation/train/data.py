@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -79,6 +80,12 @@ class Manifest:
                 units.append(Unit(i, rg, n, first))
                 first += n
         return units
+
+
+def image_column(pf: pq.ParquetFile) -> str:
+    """``image`` (struct of bytes and path, column contract curation.dataset/1) or, in
+    datasets written before it, ``bytes``."""
+    return "image" if "image" in pf.schema_arrow.names else "bytes"
 
 
 def verify_shard(shard: Shard) -> None:
@@ -147,8 +154,10 @@ class ManifestStream(IterableDataset):
         for u in units:
             pf = pq.ParquetFile(self.manifest.shards[u.shard].path)
             row = u.first_row
-            for batch in pf.iter_batches(batch_size=64, row_groups=[u.row_group], columns=["bytes"]):
+            for batch in pf.iter_batches(batch_size=64, row_groups=[u.row_group], columns=[image_column(pf)]):
                 col = batch.column(0)
+                if pa.types.is_struct(col.type):  # the Hugging Face Image layout: {bytes, path}
+                    col = col.field("bytes")
                 for i in range(batch.num_rows):
                     if not strided or (row + i) % n_slots == slot:
                         item = (row + i, col[i].as_py())
