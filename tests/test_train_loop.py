@@ -60,7 +60,7 @@ def test_checkpoint_loads_with_weights_only(tmp_path, manifest_path):
 def test_high_resolution_final_phase_switches_crop_size(tmp_path, manifest_path):
     cfg = tiny_config(optim__epochs=1, optim__iters_per_epoch=2, hires__global_size=48, hires__epochs=0.5)
     t = Trainer(cfg, manifest_path, tmp_path / "h")
-    assert [t.global_size_at(i) for i in range(2)] == [32, 48]
+    assert [t.crop_sizes_at(i) for i in range(2)] == [(32, 16), (48, 16)]
     t.fit()
     assert t.iteration == 2
 
