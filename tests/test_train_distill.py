@@ -65,13 +65,19 @@ def test_student_learns_from_a_frozen_exported_teacher_and_its_ema_is_exported(t
     assert more.fit()["iteration"] == 3
 
 
-def test_distill_from_a_training_run_through_the_cli(tmp_path, manifest_path, teacher_run):
+def test_distill_from_a_training_run_through_the_cli_with_the_teachers_centre(tmp_path, manifest_path):
+    maker = Trainer(tiny_config(loss__teacher_norm="centering", **TEACHER), manifest_path, tmp_path / "teacher")
+    maker.dino_targets.centering.center.fill_(0.5)  # as if trained
+    maker.save()
     cfg = tmp_path / "cfg.json"
     cfg.write_text(tiny_config(loss__teacher_norm="centering").model_dump_json())
     run = tmp_path / "student"
     assert cli_main(["train", "--manifest", str(manifest_path), "--output", str(run), "--config", str(cfg),
-                     "--max-iters", "1", "--distill-from", str(teacher_run)]) == 0
-    assert load_checkpoint(run)["config"]["distill"]["teacher"] == str(teacher_run)
+                     "--max-iters", "1", "--distill-from", str(tmp_path / "teacher")]) == 0
+    state = load_checkpoint(run)
+    assert state["config"]["distill"]["teacher"] == str(tmp_path / "teacher")
+    center = state["targets"]["dino"]["centering.center"]
+    assert center.mean() > 0.9 * 0.5 - 0.2  # one momentum step (0.9) from the teacher's centre, not from 0
 
 
 def test_distill_from_a_timm_vit_with_random_frozen_heads(tmp_path, manifest_path):

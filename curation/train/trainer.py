@@ -141,8 +141,8 @@ class Trainer:
         net, targets = load_teacher(self.cfg.distill.teacher, self.cfg)
         size = max(self.cfg.crops.global_size, self.cfg.hires.global_size if self.cfg.hires.epochs > 0 else 0)
         check_crop_size(size, teacher_patch_size(net), "global crop size (for the teacher's patch size)")
-        if targets is not None and self.cfg.loss.teacher_norm == "centering":  # the teacher's own centre
-            self.dino_targets.load_state_dict(targets["dino"])
+        if self.cfg.loss.teacher_norm == "centering" and targets and "centering.center" in targets["dino"]:
+            self.dino_targets.load_state_dict(targets["dino"])  # the teacher's own centres
             self.ibot_targets.load_state_dict(targets["ibot"])
         if self.dist.is_main:
             log.info("distilling from %s (frozen; the EMA of the student is the model to export)", self.cfg.distill.teacher)
