@@ -114,3 +114,21 @@ def test_fsdp_shards_trains_like_ddp_and_resumes_exactly(tmp_path, manifest_path
     for r in reports:
         assert r["bf16_loss"] == r["bf16_loss"]  # finite
         assert r["bf16_compute_dtypes"] == ["torch.bfloat16"] and r["bf16_master_dtypes"] == ["torch.float32"]
+
+
+def test_fsdp_in_one_process_distils_from_a_sharded_frozen_teacher(tmp_path, manifest_path):
+    """One process gets a process group of one; the frozen (exported, timm) teacher is sharded too."""
+    from torch.distributed.tensor import DTensor
+
+    Trainer(tiny_config(model__embed_dim=96, model__depth=3, model__num_heads=3), manifest_path, tmp_path / "teacher").save()
+    export = export_checkpoint(tmp_path / "teacher", tmp_path / "teacher.pt")
+    trainer = Trainer(tiny_config(max_iters=2, strategy="fsdp", distill__teacher=str(export)), manifest_path, tmp_path / "s")
+    try:
+        assert all(isinstance(p, DTensor) for p in trainer.frozen_teacher.parameters())
+        assert trainer.fit()["iteration"] == 2
+        assert load_checkpoint(tmp_path / "s")["sharded"] == "sharded-00000002"
+    finally:
+        trainer.close()
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()

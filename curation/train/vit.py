@@ -12,6 +12,7 @@ through fused kernels (no dense mask; the block-diagonal mask survives only as a
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from typing import Callable, Sequence
 
@@ -89,7 +90,7 @@ class Attention(nn.Module):
     def _jagged(self, qkv: torch.Tensor, layout: Layout) -> torch.Tensor:
         total, d3 = qkv.shape
         lengths = [t for n, t in layout for _ in range(n)]
-        offsets = torch.tensor([0] + list(itertools.accumulate(lengths)), device=qkv.device)
+        offsets = jagged_offsets(layout, qkv.device)
         qkv = qkv.view(total, 3, self.num_heads, d3 // (3 * self.num_heads))
         q, k, v = (
             torch.nested.nested_tensor_from_jagged(
@@ -99,6 +100,13 @@ class Attention(nn.Module):
         )
         out = F.scaled_dot_product_attention(q, k, v)  # (crops, heads, jagged tokens, dim)
         return out.transpose(1, 2).values().reshape(total, d3 // 3)
+
+
+@functools.lru_cache(maxsize=16)
+def jagged_offsets(layout: Layout, device: torch.device) -> torch.Tensor:
+    """Start of every crop in the packed tokens, made once per layout (not per block and call)."""
+    lengths = [t for n, t in layout for _ in range(n)]
+    return torch.tensor([0] + list(itertools.accumulate(lengths)), device=device)
 
 
 class Mlp(nn.Module):
