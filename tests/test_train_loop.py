@@ -57,16 +57,35 @@ def test_checkpoint_loads_with_weights_only(tmp_path, manifest_path):
     assert state["targets"]["dino"]["centering.center"].abs().sum() > 0  # centring ran and is saved
 
 
-def test_high_resolution_final_phase_switches_crop_size(tmp_path, manifest_path):
-    cfg = tiny_config(optim__epochs=1, optim__iters_per_epoch=2, hires__global_size=48, hires__epochs=0.5)
-    t = Trainer(cfg, manifest_path, tmp_path / "h")
-    assert [t.global_size_at(i) for i in range(2)] == [32, 48]
-    t.fit()
-    assert t.iteration == 2
+def _log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_packed_and_math_attention_training_runs(tmp_path, manifest_path):
-    cfg = tiny_config(max_iters=1, model__packing=True, model__attention="math", model__skip_drop_compute=False)
+def test_high_resolution_final_phase_switches_mid_run_and_resumes_across_the_switch(tmp_path, manifest_path):
+    # 4 iterations, the last 2 at 48/24 px crops instead of 32/16 (position embeddings interpolated)
+    cfg = tiny_config(optim__epochs=1, optim__iters_per_epoch=4, checkpoint_every=1, hires__global_size=48, hires__local_size=24, hires__epochs=0.5)
+    full = Trainer(cfg, manifest_path, tmp_path / "full")
+    assert [full.crop_sizes_at(i) for i in range(4)] == [(32, 16)] * 2 + [(48, 24)] * 2
+    full.fit()
+    log = _log(tmp_path / "full")
+    assert [r["global_size"] for r in log] == [32, 32, 48, 48]
+    assert full.teacher.backbone.pos_embed.shape[1] == 1 + 4 * 4  # stored at the base grid
+    for start in (1, 3):  # before the switch, and inside the high-resolution phase
+        run = tmp_path / f"from{start}"
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copy(tmp_path / "full" / "checkpoints" / f"ckpt-{start:08d}.pt", run / "checkpoints" / "last.pt")
+        resumed = Trainer(cfg, manifest_path, run)
+        resumed.fit()
+        assert [(r["iteration"], r["global_size"]) for r in _log(run)] == [(r["iteration"], r["global_size"]) for r in log[start:]]
+        for a, b in zip(_log(run), log[start:]):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        for name, value in full.teacher.state_dict().items():
+            torch.testing.assert_close(resumed.teacher.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["by_size", "jagged"])
+def test_packed_and_math_attention_training_runs(tmp_path, manifest_path, kernel):
+    cfg = tiny_config(max_iters=1, model__packing=True, model__packed_attention=kernel, model__attention="math", model__skip_drop_compute=False)
     assert Trainer(cfg, manifest_path, tmp_path / "p").fit()["iteration"] == 1
 
 

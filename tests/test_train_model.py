@@ -13,7 +13,7 @@ from curation.train.heads import DINOHead
 from curation.train.losses import Centering, dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
 from curation.train.schedules import build_schedules, cosine_schedule, linear_warmup_constant, scaled_lr
 from curation.train.trainer import SSLNetwork, param_groups
-from curation.train.vit import Block, VisionTransformer, block_diagonal_mask, drop_add_residual
+from curation.train.vit import Block, VisionTransformer, block_diagonal_mask, dense_mask_features, drop_add_residual
 from tests.test_train_data import tiny_config
 
 
@@ -24,17 +24,17 @@ def tiny_vit(**kw) -> VisionTransformer:
 
 # -- stochastic depth -------------------------------------------------------------------------
 def test_dropped_samples_are_not_computed_and_pass_through_unchanged():
-    x = torch.randn(8, 5, 4)
+    x, y = torch.randn(8, 5, 4), torch.randn(4, 2, 4)  # two crop groups, e.g. global and local
     seen = []
 
-    def branch(t):
-        seen.append(t.shape[0])
-        return torch.ones_like(t)
+    def branch(ts):
+        seen.append([t.shape[0] for t in ts])
+        return [torch.ones_like(t) for t in ts]
 
-    out = drop_add_residual(x, branch, drop_ratio=0.25)
-    assert seen == [6]  # only the kept 6 of 8 samples went through the branch
+    out, out_y = drop_add_residual([x, y], branch, drop_ratio=0.25)
+    assert seen == [[6, 3]]  # one call, with only the kept 6 of 8 and 3 of 4 samples
     changed = (out != x).flatten(1).any(1)
-    assert changed.sum() == 6
+    assert changed.sum() == 6 and (out_y != y).flatten(1).any(1).sum() == 3
     assert torch.equal(out[~changed], x[~changed])
     # kept samples get the residual scaled by b / kept, as DINOv2 does
     torch.testing.assert_close(out[changed], x[changed] + 8 / 6)
@@ -45,10 +45,10 @@ def test_block_in_eval_mode_equals_no_drop():
     dropped = Block(48, 3, 4.0, 1e-5, drop_path=0.5, skip_drop_compute=True)
     plain = Block(48, 3, 4.0, 1e-5, drop_path=0.0, skip_drop_compute=True)
     plain.load_state_dict(dropped.state_dict())
-    x = torch.randn(4, 10, 48)
+    x = [torch.randn(4, 10, 48)]
     torch.testing.assert_close(dropped.eval()(x), plain.eval()(x), rtol=0, atol=0)
     dropped.train()
-    assert not torch.equal(dropped(x), plain(x))
+    assert not torch.equal(dropped(x)[0], plain(x)[0])
 
 
 @pytest.mark.parametrize("skip", [True, False])
@@ -75,17 +75,64 @@ def test_math_switch_forbids_other_kernels():
         vit(torch.randn(1, 3, 32, 32))
 
 
-def test_packed_forward_equals_separate_passes():
-    vit = tiny_vit().eval()
-    g, l = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
+def _crops():
+    g, l = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)  # 2 images: 2 global, 3 local crops each
     masks = torch.zeros(4, 16, dtype=torch.bool)
     masks[1, :5] = True
-    separate = vit.forward_features_list([g, l], [masks, None], [2, 3])
-    vit.packing = True
-    packed = vit.forward_features_list([g, l], [masks, None], [2, 3])
-    for a, b in zip(packed, separate):
-        torch.testing.assert_close(a["cls"], b["cls"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a["patches"], b["patches"], rtol=1e-5, atol=1e-5)
+    return [g, l], [masks, None]
+
+
+def _assert_same(outs, refs, tol=1e-5):
+    for a, b in zip(outs, refs):
+        torch.testing.assert_close(a["cls"], b["cls"], rtol=tol, atol=tol)
+        torch.testing.assert_close(a["patches"], b["patches"], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kernel", ["by_size", "jagged"])
+def test_packed_forward_equals_separate_passes_and_the_dense_mask_reference(kernel):
+    vit = tiny_vit().eval()
+    xs, masks = _crops()
+    separate = vit.forward_features_list(xs, masks)
+    vit.packing, vit.packed_attention = True, kernel
+    packed = vit.forward_features_list(xs, masks)
+    _assert_same(packed, separate)
+    _assert_same(dense_mask_features(vit, xs, masks, [2, 3]), separate)
+
+
+@pytest.mark.parametrize("kernel", ["by_size", "jagged"])
+def test_packed_gradients_equal_separate_passes(kernel):
+    xs, masks = _crops()
+    grads = []
+    for packing in (False, True):
+        vit = tiny_vit(packing=packing, packed_attention=kernel).train()  # no drop path: deterministic
+        sum(o["cls"].pow(2).sum() + o["patches"].mean() for o in vit.forward_features_list(xs, masks)).backward()
+        grads.append({n: p.grad for n, p in vit.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_attention_calls_sdpa_per_crop_size_without_a_mask(monkeypatch):
+    """No mask reaches SDPA, so the fused kernels stay eligible (CUDA's flash kernel takes no
+    mask); the dense-mask reference passes one. Every token-wise layer still runs once."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((tuple(q.shape), attn_mask is not None))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    vit = tiny_vit(packing=True).eval()
+    xs, masks = _crops()
+    qkv_rows = []
+    vit.blocks[0].attn.qkv.register_forward_hook(lambda m, inp, out: qkv_rows.append(inp[0].shape[0]))
+    vit.forward_features_list(xs, masks)
+    assert calls == [((4, 3, 17, 16), False), ((6, 3, 5, 16), False)] * 2  # 2 blocks x (global, local)
+    assert qkv_rows == [4 * 17 + 6 * 5]  # one qkv projection over all crops' tokens
+    calls.clear()
+    dense_mask_features(vit, xs, masks, [2, 3])
+    assert calls and all(masked for _, masked in calls)
 
 
 def test_block_diagonal_mask():

@@ -19,10 +19,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.set or [])
     for flag, key in (("arch", "model.arch"), ("patch_size", "model.patch_size"), ("batch_size", "optim.batch_size"),
-                      ("epochs", "optim.epochs"), ("max_iters", "max_iters"), ("num_workers", "data.num_workers")):
+                      ("epochs", "optim.epochs"), ("max_iters", "max_iters"), ("num_workers", "data.num_workers"),
+                      ("strategy", "strategy"), ("distill_from", "distill.teacher")):
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if args.packing is not None:
+        overrides += ["model.packing=true", f"model.packed_attention={args.packing}"]
     cfg = load_config(args.config, overrides)
     summary = train(cfg, args.manifest, args.output, resume=not args.no_resume)
     print(json.dumps({"output": str(args.output), **summary}, default=str))
@@ -110,6 +113,14 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-iters", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default=None,
+                   help="ddp: replicate (default); fsdp: shard student, teacher and optimizer with FSDP2 (mixed precision: fsdp.* in the config)")
+    p.add_argument("--distill-from", default=None, metavar="CHECKPOINT",
+                   help="distil from this frozen teacher: a `curate train` run or checkpoint, a `curate export` file, "
+                        "or timm:<model>[@<weights file>]; the EMA of the student is the model to export")
+    p.add_argument("--packing", choices=["by_size", "jagged"], default=None,
+                   help="global and local crops through each block in one pass; attention per crop with one fused SDPA "
+                        "call per crop size (by_size) or one call on nested jagged tensors")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if the run directory holds a checkpoint")
     p.set_defaults(func=_cmd_train)
 

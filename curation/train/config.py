@@ -37,7 +37,12 @@ class ModelConfig(Strict):
     drop_path_rate: float = Field(0.1, ge=0, lt=1)
     skip_drop_compute: bool = Field(True, description="stochastic depth computes only the kept samples (DINOv2)")
     attention: Literal["default", "math"] = Field("default", description="'math' forces the unfused SDPA kernel")
-    packing: bool = Field(False, description="global and local crops in one forward pass with a block-diagonal mask")
+    packing: bool = Field(False, description="global and local crops through each block in one pass, attention within each crop")
+    packed_attention: Literal["by_size", "jagged"] = Field(
+        "by_size",
+        description="attention of packed crops: one fused SDPA call per crop size, or one call on nested jagged tensors "
+        "(variable-length flash kernel on CUDA; an unfused per-crop loop on CPU)",
+    )
 
     @model_validator(mode="after")
     def _dims(self) -> "ModelConfig":
@@ -99,10 +104,45 @@ class OptimConfig(Strict):
 
 
 class HiResConfig(Strict):
-    """Optional short final phase at a higher global-crop resolution (DINOv2: 518 px)."""
+    """Optional short final phase at a higher global-crop resolution (DINOv2: 518 px).
+
+    The last ``epochs`` of the schedule use ``global_size`` (and ``local_size`` if given); the
+    position embeddings are interpolated to the larger grid at every forward, and the schedules
+    run on unchanged.
+    """
 
     global_size: int = 518
-    epochs: float = 0
+    local_size: int | None = Field(None, description="local crops in the phase (default: crops.local_size)")
+    epochs: float = Field(0, ge=0)
+
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+
+
+class FSDPConfig(Strict):
+    """``strategy: fsdp``: PyTorch FSDP2 (``fully_shard``) on every block, backbone, head and the
+    networks, with DINOv2's mixed-precision policy. Master weights and optimizer state stay fp32."""
+
+    param_dtype: Dtype = Field("bf16", description="dtype parameters are all-gathered and computed in")
+    reduce_dtype: Dtype = Field("bf16", description="dtype backbone gradients are reduce-scattered in")
+    head_reduce_dtype: Dtype = Field("fp32", description="dtype DINO/iBOT head gradients are reduced in (DINOv2: fp32)")
+    reshard_after_forward: bool = Field(
+        False, description="free gathered parameters after the forward (ZeRO-3); False keeps them to the backward (SHARD_GRAD_OP, DINOv2)"
+    )
+    cpu_mixed_precision: bool = Field(
+        False, description="apply the dtypes on CPU as well (gloo reduces bf16/fp16); by default CPU runs fp32 like the rest of the trainer"
+    )
+
+
+class DistillConfig(Strict):
+    """Distillation (DINOv2's recipe): a frozen larger teacher with its DINO and iBOT heads gives
+    the targets; no EMA for it; the EMA of the student is the model checkpoints export. The
+    student runs without stochastic depth, and without masking unless ``masked_ibot``."""
+
+    teacher: str | None = Field(
+        None, description="training run/checkpoint, `curate export` file, or timm:<model>[@<weights file>]"
+    )
+    masked_ibot: bool = Field(False, description="mask the student's global crops as in pretraining (default: iBOT on all their patches, the paper's distillation)")
 
 
 class DataConfig(Strict):
@@ -119,12 +159,24 @@ class TrainConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     hires: HiResConfig = Field(default_factory=HiResConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="replicated DDP, or FSDP2 sharding of student, teacher and optimizer")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="autocast dtype on CUDA; CPU runs fp32")
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = Field(1000, ge=1, description="iterations between checkpoints")
     max_iters: int | None = Field(None, description="stop early (tests, benchmarks)")
     max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this wall time; resume continues")
+
+    @property
+    def uses_ibot(self) -> bool:
+        """Whether the iBOT term runs: masked patches, or (distillation) every global-crop patch."""
+        if self.loss.ibot_weight <= 0:
+            return False
+        if self.distill.teacher and not self.distill.masked_ibot:
+            return True
+        return self.loss.mask_probability > 0
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -224,9 +224,11 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not oversubscribe the trainer's cores
 
 
-def build_train_loader(cfg, manifest: Manifest, rank: int, world_size: int, start_batch: int, global_size: int) -> DataLoader:
+def build_train_loader(
+    cfg, manifest: Manifest, rank: int, world_size: int, start_batch: int, global_size: int, local_size: int | None = None
+) -> DataLoader:
     c = cfg.crops
-    transform = MultiCrop(global_size, c.local_size, c.n_local, tuple(c.global_scale), tuple(c.local_scale))
+    transform = MultiCrop(global_size, local_size or c.local_size, c.n_local, tuple(c.global_scale), tuple(c.local_scale))
     stream = ManifestStream(
         manifest, transform, cfg.optim.batch_size, cfg.seed, rank, world_size, start_batch, cfg.data.shuffle_buffer
     )

@@ -2,7 +2,10 @@
 
 Format ``curation.vit/1``: ``timm.create_model(timm_model, pretrained=False, **model_kwargs)``
 builds the architecture and ``load_state_dict(state_dict)`` (strict) fills it. The teacher,
-not the student, is exported: it is the better model (an ensemble over the recent students).
+not the student, is exported: it is the better model (an ensemble over the recent students; in
+a distillation run, the EMA of the student). ``heads`` also carries the teacher's DINO and iBOT
+heads and target state, so that the export can itself be a distillation teacher
+(``curate train --distill-from``); loaders that only want the backbone ignore it.
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ def teacher_backbone_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
+def teacher_heads(state: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v.detach().clone().float() for k, v in state["teacher"].items() if k.startswith(prefix)}
+
+    return {
+        "config": cfg.head.model_dump(mode="json"),
+        "dino_head": part("dino_head."),
+        "ibot_head": part("ibot_head."),
+        "targets": state.get("targets"),
+    }
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.model_validate(state["config"])
@@ -69,9 +84,11 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
         "timm_model": timm_arch_name(cfg.model.arch, cfg.model.patch_size),
         "model_kwargs": timm_model_kwargs(cfg),
         "state_dict": teacher_backbone_state(state),
+        "heads": teacher_heads(state, cfg),
         "meta": {
             "iteration": int(state["iteration"]),
             "source": str(checkpoint),
+            "distilled_from": cfg.distill.teacher,
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
         },

@@ -1,8 +1,10 @@
-"""DINOv2 training loop: student/teacher, losses, schedules, mixed precision, DDP, checkpoints.
+"""DINOv2 training loop: student/teacher, losses, schedules, mixed precision, DDP or FSDP,
+distillation, checkpoints.
 
 Launch with ``curate train`` (one process) or ``torchrun --nproc_per_node N -m curation.train.cli
-train`` (DDP; NCCL on CUDA, gloo on CPU). A run directory that already holds a checkpoint is
-resumed from it.
+train`` (NCCL on CUDA, gloo on CPU); ``--strategy fsdp`` shards instead of replicating
+(``distributed.py``), ``--distill-from`` trains against a frozen teacher (``distill.py``). A run
+directory that already holds a checkpoint is resumed from it.
 """
 
 from __future__ import annotations
@@ -10,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,75 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from curation.train import checkpoint as ckpt
 from curation.train.config import TrainConfig
 from curation.train.data import Manifest, build_train_loader
-from curation.train.heads import build_head
+from curation.train.distributed import DistInfo, full_value, init_distributed, local, pick_device, shard_network
 from curation.train.losses import TeacherTargets, dino_loss, ibot_patch_loss, koleo_loss
+from curation.train.network import SSLNetwork
 from curation.train.schedules import Schedules, build_schedules
-from curation.train.vit import build_vit, check_crop_size
+from curation.train.vit import check_crop_size
 
 log = logging.getLogger(__name__)
-
-
-class SSLNetwork(nn.Module):
-    """Backbone with untied DINO (class token) and iBOT (patch) heads."""
-
-    def __init__(self, cfg: TrainConfig):
-        super().__init__()
-        self.backbone = build_vit(cfg.model, cfg.crops.global_size)
-        self.dino_head = build_head(cfg.head, cfg.model.embed_dim)
-        self.ibot_head = build_head(cfg.head, cfg.model.embed_dim)
-        self.n_local = cfg.crops.n_local
-
-    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor | None) -> dict:
-        """Student pass: masked global crops and local crops through the backbone and heads."""
-        xs, ms, ks = [global_crops], [masks], [2]
-        if local_crops is not None:
-            xs, ms, ks = xs + [local_crops], ms + [None], ks + [self.n_local]
-        outs = self.backbone.forward_features_list(xs, ms, ks)
-        cls = torch.cat([o["cls"] for o in outs])
-        logits = self.dino_head(cls)
-        n_global = global_crops.shape[0]
-        out = {"global_cls": outs[0]["cls"], "dino_global": logits[:n_global], "dino_local": logits[n_global:]}
-        if masks is not None:
-            out["ibot"] = self.ibot_head(outs[0]["patches"][masks])
-        return out
-
-    @torch.no_grad()
-    def teacher_forward(self, global_crops: torch.Tensor, masks: torch.Tensor | None) -> dict:
-        feats = self.backbone.forward_features(global_crops)
-        out = {"dino_global": self.dino_head(feats["cls"])}
-        if masks is not None:
-            out["ibot"] = self.ibot_head(feats["patches"][masks])
-        return out
-
-
-# -- distributed -------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group that torchrun (or a test's spawn) describes in the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=world)
-    return info
-
-
-def pick_device(info: DistInfo) -> torch.device:
-    return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # -- optimisation ------------------------------------------------------------------------------
@@ -136,8 +74,10 @@ def apply_schedules(optimizer: torch.optim.Optimizer, values: dict[str, float]) 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    t = [p for _, p in sorted(teacher.named_parameters())]
-    s = [p.detach() for _, p in sorted(student.named_parameters())]
+    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter; under
+    FSDP on each process's shards (both networks are sharded alike)."""
+    t = [local(p) for _, p in sorted(teacher.named_parameters())]
+    s = [local(p).detach() for _, p in sorted(student.named_parameters())]
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
 
@@ -150,7 +90,8 @@ def step_seed(seed: int, rank: int, it: int) -> int:
 class Trainer:
     def __init__(self, cfg: TrainConfig, manifest_path: str | Path | None, output_dir: str | Path, dist_info: DistInfo | None = None):
         self.cfg = cfg
-        self.dist = dist_info or init_distributed()
+        self.fsdp = cfg.strategy == "fsdp"
+        self.dist = dist_info or init_distributed(need_group=self.fsdp)
         self.device = pick_device(self.dist)
         self.output_dir = Path(output_dir)
         p = cfg.model.patch_size
@@ -158,6 +99,7 @@ class Trainer:
         check_crop_size(cfg.crops.local_size, p, "crops.local_size")
         if cfg.hires.epochs > 0:
             check_crop_size(cfg.hires.global_size, p, "hires.global_size")
+            check_crop_size(cfg.hires.local_size or cfg.crops.local_size, p, "hires.local_size")
         self.manifest = Manifest(manifest_path, cfg.data.verify_sha256) if manifest_path is not None else None
         self.global_batch = cfg.optim.batch_size * self.dist.world_size
         rows = self.manifest.total_rows if self.manifest else self.global_batch
@@ -167,41 +109,93 @@ class Trainer:
         hires_iters = int(cfg.hires.epochs * self.iters_per_epoch)
         self.hires_start = self.total_iters - hires_iters if hires_iters > 0 else None
 
+        self.distilling = cfg.distill.teacher is not None
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
-        self.student = SSLNetwork(cfg).to(self.device)
-        self.teacher = SSLNetwork(cfg).to(self.device)
+        # DINOv2's distillation trains the student without stochastic depth
+        self.student = SSLNetwork(cfg, drop_path_rate=0.0 if self.distilling else None).to(self.device)
+        self.teacher = SSLNetwork(cfg).to(self.device)  # the EMA of the student (the model to export)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False).eval()
         self.dino_targets = TeacherTargets(cfg.loss.teacher_norm, cfg.head.out_dim, cfg.loss.center_momentum).to(self.device)
         self.ibot_targets = TeacherTargets(cfg.loss.teacher_norm, cfg.head.out_dim, cfg.loss.center_momentum).to(self.device)
+        self.frozen_teacher = self._load_frozen_teacher() if self.distilling else None
+        if self.fsdp:
+            for net in (self.student, self.teacher, self.frozen_teacher):
+                if net is not None:
+                    shard_network(net, cfg.fsdp, self.device)
+        # built after sharding: FSDP replaces the parameters by their shards
         self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg), betas=tuple(cfg.optim.betas))
-        self.use_ibot = cfg.loss.ibot_weight > 0 and cfg.loss.mask_probability > 0
+        self.use_ibot = cfg.uses_ibot
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if self.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.iteration = 0
         self.student_ddp: nn.Module = self.student
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1 and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # without iBOT the patch head takes no part in the loss
             self.student_ddp = DistributedDataParallel(self.student, device_ids=ids, find_unused_parameters=not self.use_ibot)
 
+    def _load_frozen_teacher(self) -> nn.Module:
+        from curation.train.distill import load_teacher, teacher_patch_size
+
+        net, targets = load_teacher(self.cfg.distill.teacher, self.cfg)
+        size = max(self.cfg.crops.global_size, self.cfg.hires.global_size if self.cfg.hires.epochs > 0 else 0)
+        check_crop_size(size, teacher_patch_size(net), "global crop size (for the teacher's patch size)")
+        if self.cfg.loss.teacher_norm == "centering" and targets and "centering.center" in targets["dino"]:
+            self.dino_targets.load_state_dict(targets["dino"])  # the teacher's own centres
+            self.ibot_targets.load_state_dict(targets["ibot"])
+        if self.dist.is_main:
+            log.info("distilling from %s (frozen; the EMA of the student is the model to export)", self.cfg.distill.teacher)
+        return net.to(self.device)
+
+    def close(self) -> None:
+        """Leave the process group if this trainer created it."""
+        if self.dist.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
     # -- state --------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def _sharded_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
         return {
+            "student": get_model_state_dict(self.student),
+            "teacher": get_model_state_dict(self.teacher),
+            "optimizer": get_optimizer_state_dict(self.student, self.optimizer),
+        }
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint (all processes call it under FSDP: the consolidated teacher is gathered)."""
+        base = {
             "iteration": self.iteration,
             "config": self.cfg.model_dump(mode="json"),
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "strategy": self.cfg.strategy,
             "targets": {"dino": self.dino_targets.state_dict(), "ibot": self.ibot_targets.state_dict()},
             "scaler": self.scaler.state_dict(),
             "data": {"world_size": self.dist.world_size, "num_workers": self.cfg.data.num_workers, "batches_per_rank": self.iteration},
         }
+        if not self.fsdp:
+            return {**base, "student": self.student.state_dict(), "teacher": self.teacher.state_dict(), "optimizer": self.optimizer.state_dict()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {**base, "teacher": full}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        strategy = state.get("strategy", "ddp")
+        if strategy != self.cfg.strategy:
+            raise ValueError(f"this checkpoint was written with --strategy {strategy}; resume it with the same strategy")
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+            sharded = self._sharded_state()
+            ckpt.load_sharded(sharded, self.output_dir / "checkpoints", state["sharded"])
+            set_model_state_dict(self.student, sharded["student"])
+            set_model_state_dict(self.teacher, sharded["teacher"])
+            set_optimizer_state_dict(self.student, self.optimizer, sharded["optimizer"])
+        else:
+            self.student.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.dino_targets.load_state_dict(state["targets"]["dino"])
         self.ibot_targets.load_state_dict(state["targets"]["ibot"])
         if state.get("scaler"):
@@ -212,9 +206,12 @@ class Trainer:
             log.warning("resuming with a different process or worker count: the data order differs from an uninterrupted run")
 
     def save(self) -> Path | None:
+        directory = self.output_dir / "checkpoints"
+        sharded = ckpt.save_sharded(self._sharded_state(), directory, self.iteration, self.dist.is_main) if self.fsdp else None
+        state = self.state()
         if not self.dist.is_main:
             return None
-        return ckpt.save_checkpoint(self.state(), self.output_dir / "checkpoints")
+        return ckpt.save_checkpoint({**state, "sharded": sharded} if sharded else state, directory)
 
     def maybe_resume(self) -> bool:
         last = ckpt.latest_checkpoint(self.output_dir / "checkpoints")
@@ -231,6 +228,25 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
+    def _ibot_masks(self, batch: dict, global_crops: torch.Tensor) -> torch.Tensor | None:
+        """Which global-crop patches the iBOT term covers: the batch's masks, or all of them
+        when distilling without masking (DINOv2's distillation)."""
+        if not self.use_ibot:
+            return None
+        if self.frozen_teacher is not None and not self.cfg.distill.masked_ibot:
+            p = self.cfg.model.patch_size
+            n_patches = (global_crops.shape[-2] // p) * (global_crops.shape[-1] // p)
+            return torch.ones(global_crops.shape[0], n_patches, dtype=torch.bool, device=self.device)
+        return batch["masks"].to(self.device, non_blocking=True)
+
+    def _forward(self, global_crops, local_crops, masks) -> tuple[dict, dict]:
+        """(outputs the targets come from, student outputs): the EMA teacher's, or the frozen
+        distillation teacher's (whose student sees mask tokens only with ``distill.masked_ibot``)."""
+        if self.frozen_teacher is None:
+            return self.teacher.teacher_forward(global_crops, masks), self.student_ddp(global_crops, local_crops, masks)
+        t_out = self.frozen_teacher.teacher_forward(global_crops, masks)
+        return t_out, self.student_ddp(global_crops, local_crops, masks, mask_tokens=self.cfg.distill.masked_ibot)
+
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimisation step at ``self.iteration``; returns the losses and schedule values."""
         cfg, it = self.cfg, self.iteration
@@ -239,13 +255,12 @@ class Trainer:
         apply_schedules(self.optimizer, values)
         global_crops = batch["global_crops"].to(self.device, non_blocking=True)
         local_crops = batch["local_crops"].to(self.device, non_blocking=True) if batch["local_crops"] is not None else None
-        masks = batch["masks"].to(self.device, non_blocking=True) if self.use_ibot else None
+        masks = self._ibot_masks(batch, global_crops)
         temp = values["teacher_temp"]
         self.student.train()
 
         with self._autocast():
-            t_out = self.teacher.teacher_forward(global_crops, masks)
-            s_out = self.student_ddp(global_crops, local_crops, masks)
+            t_out, s_out = self._forward(global_crops, local_crops, masks)
         teacher_probs = self.dino_targets(t_out["dino_global"], temp).chunk(2)
         student_views = list(s_out["dino_global"].chunk(2))
         if local_crops is not None and cfg.crops.n_local:
@@ -269,7 +284,7 @@ class Trainer:
         self.scaler.scale(total).backward()
         if cfg.optim.clip_grad:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.clip_grad))
+            grad_norm = float(full_value(nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.clip_grad)))
         else:
             grad_norm = float("nan")
         self.scaler.step(self.optimizer)
@@ -277,11 +292,13 @@ class Trainer:
         ema_update(self.teacher, self.student, values["momentum"])
         self.iteration += 1
         return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}, "grad_norm": grad_norm, **values}
-
     # -- the loop -----------------------------------------------------------------------------
-    def global_size_at(self, it: int) -> int:
-        hires = self.hires_start is not None and it >= self.hires_start
-        return self.cfg.hires.global_size if hires else self.cfg.crops.global_size
+    def crop_sizes_at(self, it: int) -> tuple[int, int]:
+        """(global, local) crop size at iteration ``it``: the high-resolution phase's at the end."""
+        c, h = self.cfg.crops, self.cfg.hires
+        if self.hires_start is not None and it >= self.hires_start:
+            return h.global_size, h.local_size or c.local_size
+        return c.global_size, c.local_size
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
         if self.manifest is None:
@@ -296,10 +313,10 @@ class Trainer:
         loader_iter, loader_size, last = None, None, {}
         t0, n_images = time.perf_counter(), 0
         while self.iteration < stop:
-            size = self.global_size_at(self.iteration)
-            if size != loader_size:  # start, or entering the high-resolution phase
-                loader = build_train_loader(self.cfg, self.manifest, self.dist.rank, self.dist.world_size, self.iteration, size)
-                loader_iter, loader_size = iter(loader), size
+            sizes = self.crop_sizes_at(self.iteration)
+            if sizes != loader_size:  # start, or entering the high-resolution phase
+                loader = build_train_loader(self.cfg, self.manifest, self.dist.rank, self.dist.world_size, self.iteration, *sizes)
+                loader_iter, loader_size = iter(loader), sizes
             batch = next(loader_iter)
             last = self.train_step(batch)
             n_images += len(batch["rows"]) * self.dist.world_size
@@ -311,7 +328,7 @@ class Trainer:
             done = self.iteration == stop or out_of_time
             if self.dist.is_main and (self.iteration % self.cfg.log_every == 0 or done):
                 last["images_per_s"] = n_images / (time.perf_counter() - t0)
-                record = {"iteration": self.iteration, "epoch": self.iteration / self.iters_per_epoch, **last}
+                record = {"iteration": self.iteration, "epoch": self.iteration / self.iters_per_epoch, "global_size": sizes[0], **last}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 log.info("it %d loss %.4f (%s)", self.iteration, last["loss"], ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
@@ -330,8 +347,7 @@ def train(cfg: TrainConfig, manifest: str | Path, output_dir: str | Path, resume
     try:
         return trainer.fit(resume=resume)
     finally:
-        if dist.is_initialized() and trainer.dist.world_size > 1:
-            dist.destroy_process_group()
+        trainer.close()
 
 
 __all__ = ["SSLNetwork", "Trainer", "train", "init_distributed", "param_groups", "ema_update"]
