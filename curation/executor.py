@@ -125,7 +125,7 @@ class RayExecutor:
 
         def call(batch: dict) -> dict:
             out = [fn(json.loads(i)) for i in batch["item"]]
-            return {"pos": np.asarray(batch["pos"]), "result": np.asarray([json.dumps(o) for o in out])}
+            return {"pos": np.asarray(batch["pos"]), "result": np.asarray([json.dumps(o, default=plain) for o in out])}
 
         rows = [{"pos": i, "item": json.dumps(it)} for i, it in enumerate(items)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -207,7 +207,7 @@ class RayExecutor:
 
         def fn(batch: dict) -> dict:
             stats = [ingest_shard(run_dir, record, json.loads(u), ingest_cfg) for u in batch["unit"]]
-            return {"stats": np.asarray([json.dumps(s) for s in stats])}
+            return {"stats": np.asarray([json.dumps(s, default=plain) for s in stats])}
 
         total = sum(len(u.items) if u.kind != "error" else 1 for u in units)
         return self.run_shards(
@@ -252,7 +252,7 @@ class RayExecutor:
 
         def fn(batch: dict) -> dict:
             stats = [emit_shard(run_dir, spec, int(s)) for s in batch["shard"]]
-            return {"stats": np.asarray([json.dumps(s) for s in stats])}
+            return {"stats": np.asarray([json.dumps(s, default=plain) for s in stats])}
 
         view = ShardView(self.store, history)
         shards = view.shards()
@@ -324,6 +324,15 @@ def run_partitioned(stage: GlobalStage, spec: StageSpec, store: RunStore, execut
 # ---------------------------------------------------------------------------------------------
 # Ray start-up
 # ---------------------------------------------------------------------------------------------
+def plain(value: Any) -> Any:
+    """JSON for the numpy scalars and arrays a task's facts may hold."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} in a task's result is not JSON")
+
+
 def dataset_name(label: str) -> str:
     """What the dashboard's Data view shows for a stage's dataset: ``decode``,
     ``copy_dedup.knn_reduce`` (Ray Data appends a unique id)."""
