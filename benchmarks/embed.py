@@ -6,7 +6,7 @@
    batch size, same model, same run. The ratio stage/raw says how much the input pipeline costs
    (target >= 0.85 on a GPU with ViT-L/14 and ViT-H/14).
 2. **kmeans**: ``retrieval.kmeans`` on N clustered unit vectors (default 1M).
-3. **knn**: ``retrieval.index.knn_search`` top-k over the same N vectors (auto index: IVF-PQ at
+3. **knn**: ``retrieval.index.knn_search`` top-k over the same N vectors (auto index: IVF-SQ8 at
    1M on CPU, exact on GPU), with recall@k against exact search on a query subset.
 
 Models are random-init (throughput does not depend on the weights), so this runs offline.

@@ -18,8 +18,9 @@ point inside it:
 The kill must land inside the chosen stage (its ``_SUCCESS`` absent, the earlier stages'
 present); a timed kill that came too late is redrawn (at most twice, in a fresh directory).
 Set ``CURATION_CHAOS_SEED`` to replay a failure: the seed is printed and in every message.
-One case runs by default (a single-task global stage; test_resume covers fixed kill points); the full sweep
-(``-m slow``) kills every kind in both variants.
+Every case is ``slow`` (a minute or more each; the default suite's kill-and-resume checks are
+test_resume's fixed kill points and test_partitioned_ray): ``pytest -m slow tests/test_chaos.py``
+kills every kind in both variants.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ VARIANTS = {
 KINDS = ("ingest", "map", "global", "emit")
 # By default: one shared uninterrupted run and two kills (a map stage, a single-task global
 # stage); tests/test_partitioned_ray.py kills a partitioned stage by default already.
-DEFAULT_CASES = {("single_task", "global")}  # one by default (the suite's time budget); test_resume covers 21 fixed kill points
 
 
 def pipeline_config(variant: str) -> dict:
@@ -167,7 +167,7 @@ def landed_in(out: Path, variant: str) -> str | None:
     return None
 
 
-CASES = [pytest.param(v, k, marks=() if (v, k) in DEFAULT_CASES else pytest.mark.slow, id=f"{v}-{k}") for v in VARIANTS for k in KINDS]
+CASES = [pytest.param(v, k, marks=pytest.mark.slow, id=f"{v}-{k}") for v in VARIANTS for k in KINDS]
 
 
 @pytest.mark.parametrize("variant,kind", CASES)

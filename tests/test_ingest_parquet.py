@@ -70,7 +70,12 @@ def test_url_column_makes_a_url_unit(tmp_path):
     path = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"image_url": ["http://a.example/1.jpg", None, "http://b.example/2.jpg"], "caption": ["x", "y", "z"]}), path)
     units = plan(path)
-    assert [(u.kind, u.items) for u in units] == [("urls", ("http://a.example/1.jpg", "", "http://b.example/2.jpg"))]
+    # A URL list in Parquet keeps each row's caption (and configured extra columns) with its URL.
+    assert [(u.kind, u.items) for u in units] == [("urls", (
+        {"url": "http://a.example/1.jpg", "caption": "x", "extra": {}},
+        {"url": "", "caption": "y", "extra": {}},
+        {"url": "http://b.example/2.jpg", "caption": "z", "extra": {}},
+    ))]
 
 
 @pytest.mark.parametrize(
