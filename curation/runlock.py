@@ -164,6 +164,26 @@ class RunLock:
         self.release()
 
 
+def check_free(run_dir: str | Path) -> None:
+    """Raise ``RunLocked`` if a live process holds the directory's lock; writes nothing (a shared
+    lock tried and dropped). The CLI calls it before loading the pipeline, whose stage modules
+    import torch and friends, so a busy directory is refused in about a second."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _wait_for_record(fd)
+        raise RunLocked(path, holder) from None
+    except OSError:
+        return  # no working locks here: RunLock.acquire says so with the full story
+    finally:
+        os.close(fd)
+
+
 def read_holder(run_dir: str | Path) -> Holder | None:
     """The record in a run directory's lock file (a current or a stale holder), or None."""
     try:

@@ -56,7 +56,8 @@ def wait_for(pattern: str, run_dir: Path, proc: subprocess.Popen, timeout=240) -
 
 @pytest.mark.parametrize("kill_when", [
     "stages/00_ingest/part-00002.done",
-    "stages/01_decode/part-00001.done",
+    # a map stage killed at random points: tests/test_chaos.py (its default case kills a global stage)
+    pytest.param("stages/01_decode/part-00001.done", marks=pytest.mark.slow),
     # emit writes its output shards (4 rows each here) one task each, marker after the files
     pytest.param("stages/03_emit/output/part-00000.done", marks=pytest.mark.slow),
 ])
