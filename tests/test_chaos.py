@@ -48,8 +48,8 @@ VARIANTS = {
     "partitioned": {"global_stages": "partitioned", "max_partition_rows": 40, "map_task_rows": 80},
 }
 KINDS = ("ingest", "map", "global", "emit")
-# By default: one shared uninterrupted run and two kills (a map stage, a single-task global
-# stage); tests/test_partitioned_ray.py kills a partitioned stage by default already.
+# By default: one shared uninterrupted run and one kill (a single-task global stage);
+# tests/test_partitioned_ray.py kills a partitioned stage by default already.
 
 
 def pipeline_config(variant: str) -> dict:
@@ -57,7 +57,7 @@ def pipeline_config(variant: str) -> dict:
     return {
         "name": f"chaos-{variant}",
         "seed": 0,
-        "ingest": {"shard_size": 40},
+        "ingest": {"shard_size": 30},
         "stages": [s for s in demo["stages"] if s["kind"] not in SKIPPED_KINDS],
         "default_seed_recipes": demo["default_seed_recipes"],
         "execution": VARIANTS[variant],
@@ -80,7 +80,7 @@ def inputs(tmp_path_factory) -> dict:
     from curation.demo import generate
 
     root = tmp_path_factory.mktemp("chaos")
-    data = generate(root / "data", seed=0, pool_size=240)
+    data = generate(root / "data", seed=0, pool_size=120)
     evals = root / "data" / "eval"
     evals.mkdir()
     for i in (3, 40, 77):  # planted evaluation images: their crawl copies are contaminated
