@@ -72,6 +72,7 @@ from curation.imaging import decode_rgb  # noqa: E402
 from curation.stages.phash import image_hash  # noqa: E402
 from curation.stages.phash_dedup import PhashDedupConfig  # noqa: E402
 from common import device_name, git_commit  # noqa: E402  (benchmarks/ is on sys.path)
+from dedup_grouping import compare, cosine_test, phash_test, print_grouping  # noqa: E402
 from dedup_local import cpu_seconds, drop_counts, local_features_of, local_methods, precision_by_transform  # noqa: E402
 
 
@@ -499,6 +500,14 @@ def main() -> None:
         n = len(items)
         pi, pj = hash_edges(np.concatenate([feats["phash"], feats["phash_flip"]]), PhashDedupConfig(kind="phash_dedup").radius)
         ours += local_methods(local_feats, items, truth, (pi % n, pj % n), local_cpu, evaluate)
+        grouping = []
+        for r in (4, 6, 8, 10):  # looser radii chain more
+            gi, gj = hash_edges(np.concatenate([feats["phash"], feats["phash_flip"]]), r)
+            grouping += compare(f"phash+flip r<={r}", gi % n, gj % n, items, truth, phash_test(feats["phash"], feats["phash_flip"], r))
+        x = feats["pixels"]
+        for thr in (0.85, 0.9, 0.95):
+            g = knn_edges(x, 64, thr, IndexSettings(spec="Flat", gpu="never").make_index(x.shape[1]))
+            grouping += compare(f"knn pixels cos>{thr}", g.src, g.dst, items, truth, cosine_test(x, thr))
         theirs, missing = imagededup_methods(folder, items, truth, args.thresholds)
         if missing:
             print(missing)
@@ -534,7 +543,9 @@ def main() -> None:
         "offline_pipeline_done_when": done_when(offline),
         "results": results,
     }
+    report["grouping"] = grouping
     print_costs(results)
+    print_grouping(grouping)
     print("\noffline pipeline against the issue's figures:", json.dumps(report["offline_pipeline_done_when"], indent=1))
     if best_theirs:
         print(f"\ndefault ({default['method']}): precision {default['groups']['precision']}, recall {default['groups']['recall']}; "
