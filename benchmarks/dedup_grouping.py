@@ -17,6 +17,24 @@ from curation.dedup.components import connected_components, pick_keepers
 from curation.dedup.grouping import star_keepers
 
 
+def pairs_of_groups(labels: np.ndarray) -> set[tuple[int, int]]:
+    order = np.argsort(labels, kind="stable")
+    g = labels[order]
+    bounds = np.flatnonzero(np.r_[True, g[1:] != g[:-1], True])
+    out = set()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        m = sorted(order[a:b].tolist())
+        out.update((m[i], m[j]) for i in range(len(m)) for j in range(i + 1, len(m)))
+    return out
+
+
+def scores(pred: set, truth: set) -> dict:
+    tp = len(pred & truth)
+    p = tp / len(pred) if pred else 1.0
+    r = tp / len(truth) if truth else 1.0
+    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / (p + r) if p + r else 0.0, 4), "predicted_pairs": len(pred), "true_positive_pairs": tp}
+
+
 def phash_test(phash: np.ndarray, phash_flip: np.ndarray, radius: int):
     """phash_dedup's test with ``flip``: the smallest Hamming distance over the mirror combinations."""
     p, f = np.asarray(phash, np.uint64), np.asarray(phash_flip, np.uint64)
@@ -48,16 +66,12 @@ def compare(name: str, src, dst, items: list[dict], truth: set, test) -> list[di
         kept = keeper[dropped]
         fails = sum(int(not passes(int(k), np.array([d]))[0]) for d, k in zip(dropped, kept))
         wrong = group[dropped] != group[kept]
-        predicted = {(int(min(d, k)), int(max(d, k))) for d, k in zip(dropped, kept)}
-        # every pair of images dropped in place of the same kept image is predicted too
-        for k in np.unique(kept):
-            members = sorted([int(k), *map(int, dropped[kept == k])])
-            predicted |= {(a, b) for i, a in enumerate(members) for b in members[i + 1:]}
-        tp = len(predicted & truth)
+        # images dropped in place of one kept image are predicted copies of it and of each other
+        pairs = scores(pairs_of_groups(keeper), truth)
         rows.append({
             "method": name, "grouping": grouping, "test": rule,
-            "precision": round(tp / len(predicted), 4) if predicted else 1.0,
-            "recall": round(tp / len(truth), 4) if truth else 1.0,
+            "precision": pairs["precision"],
+            "recall": pairs["recall"],
             "drops": int(len(dropped)),
             "drops_failing_the_test_against_their_kept_image": fails,
             "distinct_images_dropped": int(wrong.sum()),

@@ -72,7 +72,7 @@ from curation.imaging import decode_rgb  # noqa: E402
 from curation.stages.phash import image_hash  # noqa: E402
 from curation.stages.phash_dedup import PhashDedupConfig  # noqa: E402
 from common import device_name, git_commit  # noqa: E402  (benchmarks/ is on sys.path)
-from dedup_grouping import compare, cosine_test, phash_test, print_grouping  # noqa: E402
+from dedup_grouping import compare, cosine_test, pairs_of_groups, phash_test, print_grouping, scores  # noqa: E402
 from dedup_local import cpu_seconds, drop_counts, local_features_of, local_methods, precision_by_transform  # noqa: E402
 
 
@@ -303,24 +303,6 @@ def feature_cpu_ms(family: str, cpu: dict, n: int) -> float:
 
 
 # -- evaluation ----------------------------------------------------------------------------
-def pairs_of_groups(labels: np.ndarray) -> set[tuple[int, int]]:
-    order = np.argsort(labels, kind="stable")
-    g = labels[order]
-    bounds = np.flatnonzero(np.r_[True, g[1:] != g[:-1], True])
-    out = set()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        m = sorted(order[a:b].tolist())
-        out.update((m[i], m[j]) for i in range(len(m)) for j in range(i + 1, len(m)))
-    return out
-
-
-def scores(pred: set, truth: set) -> dict:
-    tp = len(pred & truth)
-    p = tp / len(pred) if pred else 1.0
-    r = tp / len(truth) if truth else 1.0
-    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / (p + r) if p + r else 0.0, 4), "predicted_pairs": len(pred), "true_positive_pairs": tp}
-
-
 def evaluate(name: str, n: int, src, dst, items, truth, seconds: float, family: str, config: dict) -> dict:
     src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
     edges = {(int(min(a, b)), int(max(a, b))) for a, b in zip(src, dst) if a != b}

@@ -380,7 +380,7 @@ def main() -> None:
         print(f"kept from the result file: N = {[r['n'] for r in report['runs']]}; to run: {sizes}", flush=True)
     # Sizes run smallest, largest, then the middle ones, and the report is rewritten after
     # each, so an interrupted benchmark still leaves the two ends the scaling figures need.
-    for i, n in enumerate(sizes):
+    for n in sizes:
         t0 = time.perf_counter()
         run = run_one(args, n)
         run["measured"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit()}

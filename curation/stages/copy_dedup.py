@@ -178,9 +178,8 @@ class CopyDedupStage(GlobalStage):
             evidence = BandEvidence(band)
 
             def band_score(members, d, k, ctx):
-                x, _ = descriptor_matrix(members.column(cfg.descriptor), cfg.descriptor)
                 feats = column_features(members.column(band.features))
-                return evidence.score(normalize_rows(x), feats, members.column(schema.UID).to_numpy(), d, k)
+                return evidence.score(vectors(members), feats, members.column(schema.UID).to_numpy(), d, k)
 
             return evidence.enrich(duplicate_keep(cfg.reason, "similarity", band_score, band_test)(table, labels, ctx))
 
