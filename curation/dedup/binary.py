@@ -109,6 +109,16 @@ def hamming_pairs(
             np.concatenate([np.zeros(len(si), np.int64), dd]),
             used,
         )
+    i, j, d, used = distinct_pairs(codes, radius, method, query_batch)
+    return i, j, d, used
+
+
+def distinct_pairs(
+    codes: np.ndarray, radius: int, method: Method = "auto", query_batch: int = 65_536
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """``hamming_pairs`` for codes already known to be distinct: the FAISS range search alone."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    n, nbytes = codes.shape
     used = choose_method(n, method)
     nbits = nbytes * 8
     if used == "flat":

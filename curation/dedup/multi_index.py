@@ -7,14 +7,19 @@ bucket's partition. A reduce task then
 
 1. folds identical codes together (a blank image repeated 10^5 times is one code with star
    edges to its members, streamed chunk by chunk, never a 10^10-pair search);
-2. searches the partition's distinct codes for pairs within r (FAISS binary range search,
-   exact: ``curation.dedup.binary``);
-3. keeps a pair only in the partition of its *first* shared bucket, so each pair is emitted by
-   exactly one task, and writes the edges, shrunk to a star forest, for connected components.
+2. verifies, inside each bucket of the partition only, which of its distinct codes lie within r
+   (small buckets by vectorised popcount over all their pairs, larger ones by FAISS binary range
+   search, exact: ``curation.dedup.binary``). Searching the whole partition instead made every
+   code meet every other code of ~1/partitions of the crawl (0.5M codes: 619 task-seconds, now 9);
+3. keeps a pair only in its *first* shared bucket, so each pair is emitted by exactly one task,
+   and writes the edges, shrunk to a star forest, for connected components.
 
 Memory per reduce task: the distinct codes of its partition and their edges. A bucket is only
 as large as the number of codes sharing a substring value; with substrings of ~64 / (r+1) bits
 the partitions stay balanced for hash-like codes (radius 6 on 64 bits: 9-10-bit substrings).
+Time: the pairs compared inside buckets grow as (r+1) N^2 / 2^(64/(r+1)) (N^2 / 146 for radius
+6), ~1 ns each in FAISS: seconds at 4M codes, but the term that dominates at 10^9 (note in
+docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import schema
-from curation.dedup.binary import hamming_pairs
+from curation.dedup.binary import distinct_pairs, hamming
 from curation.partitioned.components import edge_rows, star_forest
 from curation.partitioned.files import with_partition
 from curation.partitioned.keys import combine, mix64, partition_of
@@ -139,20 +144,64 @@ def pairs_reduce(part, ctx, radius: int, method: str = "auto") -> dict:
         return {}
     codes, rep = distinct.codes, distinct.rep
     keys = bucket_keys(codes, radius)
-    bucket_p = partition_of(keys.reshape(-1).view(np.int64), partitions).reshape(keys.shape)
+    here = partition_of(keys.reshape(-1).view(np.int64), partitions).reshape(keys.shape) == mine
     a_same, b_same = distinct.star_edges()
-    i, j, _, _ = hamming_pairs(codes, radius, method)
-    if len(i):
-        equal = keys[:, i] == keys[:, j]  # [m, pairs]: the buckets each pair shares
-        first = np.argmax(equal, axis=0)
-        owner = bucket_p[first, i]
-        keep = (owner == mine) & (rep[i] != rep[j])
-        i, j = i[keep], j[keep]
-    a = np.concatenate([a_same, rep[i]])
-    b = np.concatenate([b_same, rep[j]])
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+    largest = 0
+    for i, j, t in _bucket_candidates(codes, keys, here, radius, method):
+        # A pair sharing several buckets is kept only by its first shared one (one task emits it).
+        first = np.argmax(keys[:, i] == keys[:, j], axis=0)
+        keep = (first == t) & (rep[i] != rep[j])
+        found.append((rep[i][keep], rep[j][keep]))
+    pairs = sum(len(x) for x, _ in found)
+    a = np.concatenate([a_same, *(x for x, _ in found)])
+    b = np.concatenate([b_same, *(y for _, y in found)])
     leaf, root = star_forest(a, b)
     ctx.count("bucket_rows", rows)
     ctx.count("distinct_codes", len(codes))
-    ctx.count("pairs", int(len(i)))
+    ctx.count("pairs", int(pairs))
     ctx.peak("partition_rows", rows)
     return {"edges": edge_rows(leaf, root, ctx.partitions["edges"])}
+
+
+SMALL_BUCKET = 48  # buckets up to this many distinct codes: vectorised all-pairs, no index
+PAIR_CHUNK = 1 << 22  # candidate pairs compared at once (bounds the memory of the small path)
+
+
+def _bucket_candidates(codes: np.ndarray, keys: np.ndarray, here: np.ndarray, radius: int, method: str):
+    """Yield (i, j, substring) for the pairs within ``radius`` inside each bucket of this
+    partition (indices into ``codes``, which are distinct). Only codes sharing a bucket are
+    compared: small buckets by all-pairs popcount in bounded chunks, larger ones (up to a
+    partition of distinct codes sharing one substring) by FAISS binary range search, exact."""
+    t_of, c_of = np.nonzero(here)
+    k = keys[t_of, c_of]
+    order = np.lexsort((c_of, t_of, k))
+    k, t_of, c_of = k[order], t_of[order], c_of[order]
+    starts = np.flatnonzero(np.r_[True, (k[1:] != k[:-1]) | (t_of[1:] != t_of[:-1])])
+    sizes = np.diff(np.r_[starts, len(k)])
+    small = (sizes >= 2) & (sizes <= SMALL_BUCKET)
+    st, sz = starts[small], sizes[small]
+    n_pairs = np.cumsum(sz * (sz - 1) // 2)
+    lo = 0
+    while lo < len(st):
+        hi = max(lo + 1, int(np.searchsorted(n_pairs, (n_pairs[lo - 1] if lo else 0) + PAIR_CHUNK, "right")))
+        p, q = _all_pairs(st[lo:hi], sz[lo:hi])
+        i, j = c_of[p], c_of[q]
+        near = hamming(codes[i], codes[j]) <= radius
+        yield i[near], j[near], t_of[p][near]
+        lo = hi
+    for s0, n in zip(starts[sizes > SMALL_BUCKET], sizes[sizes > SMALL_BUCKET]):
+        members = c_of[s0 : s0 + n]
+        bi, bj, _, _ = distinct_pairs(codes[members], radius, method)
+        yield members[bi], members[bj], np.full(len(bi), t_of[s0])
+
+
+def _all_pairs(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (p, q), p < q, of every pair inside each run ``[start, start + size)``."""
+    total = int(sizes.sum())
+    offset = np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    pos = np.repeat(starts, sizes) + offset
+    count = np.repeat(sizes, sizes) - 1 - offset
+    rows_ = np.repeat(pos, count)
+    step = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    return rows_, rows_ + 1 + step
