@@ -1,8 +1,8 @@
 """The executor: runs shard operations and global stages on Ray.
 
 Per-shard work (ingest, map stages, emit) and the tasks of partitioned global stages all go
-through Ray Data: a dataset of pending work items is mapped by tasks, or by an actor pool with
-the stage's declared resources for map stages, and every worker reads its inputs from the run
+through Ray Data: a dataset of pending work items is mapped by tasks (map stages: set up once
+per worker process), or by an actor pool for map stages that need a GPU, and every worker reads its inputs from the run
 directory and writes its outputs back atomically. Which items are pending is decided from
 completion markers, so a re-run resumes at shard or partition granularity.
 
@@ -27,7 +27,7 @@ import numpy as np
 from curation.config import ExecutionConfig, PipelineConfig
 from curation.global_ops import run_single_task
 from curation.progress import RunProgress
-from curation.shard_ops import MapShardWorker, StageSpec, emit_shard, ingest_shard
+from curation.shard_ops import MapShardWorker, StageSpec, emit_shard, ingest_shard, map_shards_task
 from curation.stage import GlobalStage, MapStage
 from curation.store import RunStore, ShardView, StageRecord, read_json
 
@@ -227,19 +227,23 @@ class RayExecutor:
             lo, hi = res.concurrency
             hi = max(1, min(hi, cap, n_pending))
             lo = max(1, min(lo, hi))
-            return {
-                "fn_constructor_kwargs": {"spec": spec.__dict__, "run_dir": str(self.store.run_dir)},
+            resources = {"num_cpus": res.num_cpus, **({"memory": res.memory_bytes} if res.memory_bytes else {})}
+            kwargs = {"spec": spec.__dict__, "run_dir": str(self.store.run_dir)}
+            if res.num_gpus == 0:  # tasks; the stage is set up once per worker process
+                return {"fn_kwargs": kwargs, "concurrency": hi, **resources}
+            return {  # one actor per GPU share holds the model for the whole stage
+                "fn_constructor_kwargs": kwargs,
                 "compute": ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-                "num_cpus": res.num_cpus,
-                "num_gpus": res.num_gpus or None,
-                **({"memory": res.memory_bytes} if res.memory_bytes else {}),
+                "num_gpus": res.num_gpus,
+                **resources,
                 **actor_options(),
             }
 
         view = spec.view(self.store)
         shards = view.shards()
         total = None if self.store.stage_done(spec.rec()) else sum(view.row_count(s) for s in shards)
-        return self.run_shards(spec.rec(), shards, lambda s: {"shard": s}, MapShardWorker, options, total=total)
+        worker = MapShardWorker if res.num_gpus > 0 else map_shards_task
+        return self.run_shards(spec.rec(), shards, lambda s: {"shard": s}, worker, options, total=total)
 
     def emit(self, rec: StageRecord, history: list[StageRecord], options: dict) -> dict:
         """Ledger rows per ingest shard, then the output shards (``curation.emit``). ``options``:

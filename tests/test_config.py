@@ -28,6 +28,12 @@ def test_lvd_carries_the_paper_recipes():
     assert {"method": "as_is"} in recipes["imagenet22k"]
     assert recipes["imagenet1k"] == [{"method": "sample", "k": 32, "min_similarity": None}]
     assert recipes["caltech101"][0] == {"method": "cluster", "min_seeds": 3, "per_cluster": 10000, "cap": 1000000}
+    # Table 15's cluster-retrieved seed sets, every one with the paper's recipe (AmsterTime's
+    # 960k / 830k are what that recipe retrieved, not caps)
+    cluster = {"method": "cluster", "min_seeds": 3, "per_cluster": 10000, "cap": 1000000}
+    table15 = ["caltech101", "cub", "dtd", "fgvc_aircraft", "flowers102", "food101", "pets", "cars", "sun397", "voc2007", "ade20k",
+               "cityscapes", "voc2012", "kitti", "nyu_depth_v2", "sun_rgbd", "met", "roxford5k", "rparis6k", "amstertime_new", "amstertime_old"]
+    assert sorted(n for n, r in recipes.items() if r == [cluster]) == sorted(table15)
 
 
 def test_unknown_stage_kind_lists_known_kinds(tmp_path):

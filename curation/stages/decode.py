@@ -31,7 +31,7 @@ class DecodeConfig(ImageStageConfig):
     max_aspect_ratio: float = Field(6.0, ge=1.0, description="long/short side above this is dropped (extreme_aspect)")
     normalize: bool = Field(True, description="re-encode images that are not plain upright RGB/L JPEG/PNG/WebP")
     batch_size: int = Field(64, ge=1)
-    workers: int = Field(0, ge=0, description="actor-pool size; 0 = one per CPU")
+    workers: int = Field(0, ge=0, description="workers at once (tasks on CPU, actors on GPU); 0 = one per CPU")
 
 
 class DecodeStage(MapStage):

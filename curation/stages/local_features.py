@@ -38,7 +38,7 @@ class LocalFeaturesConfig(StageConfig):
     min_keypoints: int = Field(12, ge=1, description="fewer keypoints than this: features null (too few to verify a copy)")
     column: str = Field("local_features", description="output struct column")
     batch_size: int = Field(32, ge=1)
-    workers: int = Field(0, ge=0, description="actor-pool size; 0 = one per CPU")
+    workers: int = Field(0, ge=0, description="workers at once (tasks on CPU, actors on GPU); 0 = one per CPU")
 
 
 def downscaled_gray(data: bytes, max_side: int) -> np.ndarray:

@@ -46,7 +46,7 @@ class PhashConfig(ImageStageConfig):
     column: str = Field("phash", description="uint64 output column")
     flip: bool = Field(True, description="also hash the mirrored image into `<column>_flip`, so phash_dedup catches flipped copies")
     batch_size: int = Field(64, ge=1)
-    workers: int = Field(0, ge=0, description="actor-pool size; 0 = one per CPU")
+    workers: int = Field(0, ge=0, description="workers at once (tasks on CPU, actors on GPU); 0 = one per CPU")
 
 
 def flip_column(column: str) -> str:
