@@ -62,10 +62,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def cmd_run(args) -> int:
     from curation.runlock import RunLocked, check_free
 
-    try:
-        check_free(args.out)  # a busy directory is refused before the pipeline's modules load
-    except RunLocked as e:
-        raise UsageError(str(e)) from None
+    if not getattr(args, "dry_run", False):  # a dry run reports a busy directory instead
+        try:
+            check_free(args.out)  # a busy directory is refused before the pipeline's modules load
+        except RunLocked as e:
+            raise UsageError(str(e)) from None
     from curation.config import load_config
     from curation.models import check_pipeline
     from curation.runner import run_pipeline

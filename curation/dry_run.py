@@ -13,7 +13,9 @@ import yaml
 from curation.executor import choose_form
 from curation.ingest.plan import WorkUnit, plan_units
 from curation.models import WeightsError, check_pipeline, pipeline_needs
+from curation.ingest.inputs import inputs_changed
 from curation.planning import source_specs
+from curation.runlock import RunLocked, check_free
 from curation.runner import RunRequest, Runner
 from curation.stage import GlobalStage
 from curation.store import read_json
@@ -25,6 +27,12 @@ def dry_run(req: RunRequest) -> dict:
     out: dict = {"run_dir": str(store.run_dir), "fingerprint": runner.fingerprint(), "config": cfg.model_dump(mode="json")}
     out["state"], out["detail"] = _state(runner)
     specs = source_specs(req.pools, runner.seeds, runner.excludes)
+    if out["state"] == "resume" and store.plan_json.exists():
+        change = _inputs_change(store, specs)
+        if change and req.replan:
+            out["state"], out["detail"] = "replan", f"plans again and runs every stage ({change}; --replan)"
+        elif change:
+            out["state"], out["detail"] = "refused", f"the inputs changed since the plan: {change} (--replan to plan again)"
     reused = store.plan_json.exists() and out["state"] == "resume"
     units = [WorkUnit.from_dict(u) for u in read_json(store.plan_json)["units"]] if reused else plan_units(specs, cfg.ingest)
     out["plan"] = {"reused": reused, "shard_size": cfg.ingest.shard_size, "inputs": _inputs(units)}
@@ -37,6 +45,10 @@ def dry_run(req: RunRequest) -> dict:
 
 def _state(runner: Runner) -> tuple[str, str]:
     store = runner.store
+    try:
+        check_free(store.run_dir)
+    except RunLocked as e:
+        return "refused", f"busy: {e}"
     if not store.run_json.exists():
         return ("refused", "--resume given but the directory holds no run") if runner.req.resume else ("new", "a new run")
     old = read_json(store.run_json)
@@ -44,6 +56,13 @@ def _state(runner: Runner) -> tuple[str, str]:
         return "refused", f"the directory holds a different run; changed: {runner._changes(old)}"
     done = sorted(p.parent.name for p in (store.run_dir / "stages").glob("*/_SUCCESS"))
     return "resume", f"resumes the run there ({len(done)} stage(s) done: {', '.join(done) or 'none'})"
+
+
+def _inputs_change(store, specs) -> str | None:
+    """What changed in the inputs since the stored plan was made (None: nothing, or a plan made
+    without an input fingerprint), as a resumed run would find it."""
+    plan = read_json(store.plan_json)
+    return inputs_changed(plan["inputs"], specs) if "inputs" in plan else None
 
 
 def _inputs(units: list[WorkUnit]) -> list[dict]:

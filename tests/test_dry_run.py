@@ -77,3 +77,29 @@ def test_changed_keys_address_stages_by_name_and_ignore_what_the_fingerprint_ign
     assert changed_keys(old, new) == [
         "execution.max_partition_rows: 10 -> 20", "seed: 0 -> 1", "stages.sscd: removed", "stages.phash: added",
     ]
+
+
+def test_a_busy_directory_and_changed_inputs_are_reported_not_hidden(pool, tmp_path, capsys):
+    from curation.planning import load_or_make_plan, source_specs
+    from curation.runlock import RunLock
+    from curation.store import RunStore
+
+    out = tmp_path / "run"
+    cfg = load_config("smoke")
+    Runner(RunRequest(pools=[str(pool)], out=out, config=cfg))._check_resume()
+    load_or_make_plan(RunStore(out), source_specs([str(pool)], [], []), cfg.ingest)  # the plan a started run made
+    args = ["run", "--pool", str(pool), "--config", "smoke", "--out", str(out), "--dry-run"]
+    with RunLock(out, command="curate run (another one)"):
+        code = main(args)
+        text = capsys.readouterr().out
+    assert code == EXIT_REFUSED and "REFUSED, busy:" in text and "another one" in text
+
+    (pool / "new.jpg").write_bytes(make_jpeg(99))  # an input appears after the plan was made
+    before = snapshot(out)
+    assert main(args) == EXIT_REFUSED
+    text = capsys.readouterr().out
+    assert "REFUSED, the inputs changed since the plan:" in text and "new.jpg" in text and "--replan" in text
+    assert main([*args, "--replan"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "REPLAN, plans again and runs every stage" in text and "plan: 13 input items" in text
+    assert snapshot(out) == before  # a dry run writes nothing, whatever it finds

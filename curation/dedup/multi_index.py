@@ -18,8 +18,8 @@ Memory per reduce task: the distinct codes of its partition and their edges. A b
 as large as the number of codes sharing a substring value; with substrings of ~64 / (r+1) bits
 the partitions stay balanced for hash-like codes (radius 6 on 64 bits: 9-10-bit substrings).
 Time: the pairs compared inside buckets grow as (r+1) N^2 / 2^(64/(r+1)) (N^2 / 146 for radius
-6), ~1 ns each in FAISS: seconds at 4M codes, but the term that dominates at 10^9 (note in
-docs/architecture.md).
+6), ~1 ns each in FAISS: about a minute of task time at 2M codes, the one super-linear term of
+the deduplication stages (docs/architecture.md).
 """
 
 from __future__ import annotations
