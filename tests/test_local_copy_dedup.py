@@ -216,3 +216,32 @@ def test_copy_dedup_band_verifies_middling_similarities_in_both_forms(tmp_path, 
     assert other["evidence"] == "similarity" and other["similarity"] == pytest.approx(0.8, abs=1e-3)
     for s in (single["summary"], parted["summary"]):
         assert s["edges_similarity"] == 1 and s["edges_geometric"] == 1 and s["verified_pairs"] == 2, s
+
+
+def collage(left: Image.Image, right: Image.Image, height: int = 240) -> Image.Image:
+    """The left half of one photo beside the right half of another (a screenshot of two)."""
+    a = left.resize((int(left.width * height / left.height), height))
+    b = right.resize((int(right.width * height / right.height), height))
+    out = Image.new("RGB", (a.width // 2 + b.width - b.width // 2, height))
+    out.paste(a.crop((0, 0, a.width // 2, height)), (0, 0))
+    out.paste(b.crop((b.width // 2, 0, b.width, height)), (a.width // 2, 0))
+    return out
+
+
+def test_star_grouping_never_drops_a_photo_only_chained_to_the_kept_one(tmp_path, photos):
+    """A collage of halves of two unrelated photos verifies against both: as components the
+    three are one group and an unrelated photo is dropped; with ``grouping: star`` only the
+    collage is dropped, as a verified copy of the kept photo, in both execution forms."""
+    blobs = [jpeg(p) for p in photos[:8]] + [jpeg(collage(photos[5], photos[6]))]
+    table = stage_table(blobs)
+    _, components, _ = run_stage(tmp_path / "components", table, {**EXACT, "mirror": False})
+    dropped = set(components.column("uid").to_pylist())
+    assert uid_of(8) in dropped and len(dropped & {uid_of(5), uid_of(6)}) == 1  # the chain drops a photo
+    (single, d1, l1), (parted, d2, l2) = both_forms(
+        tmp_path / "star", table, LocalCopyDedupStage, {**EXACT, "mirror": False, "grouping": "star"},
+        shard_rows=3, max_partition_rows=3000, map_task_rows=4,
+    )
+    assert d1.column("uid").to_pylist() == [uid_of(8, 3)] and d1.equals(d2) and l1.equals(l2)
+    details = json.loads(d1.column("drop_details")[0].as_py())
+    assert details["kept_uid"] in (uid_of(5, 3), uid_of(6, 3)) and details["verified"]
+    assert single["summary"]["grouping"] == parted["summary"]["grouping"] == "star"

@@ -255,18 +255,32 @@ def candidate_steps(features: str, s: CandidateSearch, mirror: bool, seed: int, 
 # -- the keep rule's evidence ----------------------------------------------------------------------
 class DirectVerdicts:
     """Verifies every dropped image against the image kept in its place, so that the ledger gives
-    the direct evidence (inliers, transform), never that of an intermediate image."""
+    the direct evidence (inliers, transform), never that of an intermediate image. Verdicts are
+    cached by (candidate, kept) index: the star rule's test (``passes``) and the ledger's
+    evidence verify each pair once."""
 
-    def __init__(self, settings: VerifySettings, mirror: bool):
+    def __init__(self, settings: VerifySettings, mirror: bool, feats: list | None = None, uids: np.ndarray | None = None):
         self.settings, self.mirror = settings, mirror
+        self.feats, self.uids = feats, uids
         self.details: dict[int, dict] = {}
+        self._verdicts: dict[tuple[int, int], object] = {}
 
-    def inliers(self, feats: list, uids: np.ndarray, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    def verdict(self, d: int, k: int):
+        key = (int(d), int(k))
+        if key not in self._verdicts:
+            self._verdicts[key] = verify_pair(self.feats[d], self.feats[k], self.settings, self.mirror)
+        return self._verdicts[key]
+
+    def passes(self, kept: int, cand: np.ndarray) -> np.ndarray:
+        """The star rule's test: each candidate verified geometrically against the kept image."""
+        return np.array([self.verdict(c, kept).ok for c in cand], bool)
+
+    def inliers(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
         out = np.zeros(len(dropped), np.int64)
         for i, (d, k) in enumerate(zip(dropped, kept)):
-            verdict = verify_pair(feats[d], feats[k], self.settings, self.mirror)
+            verdict = self.verdict(d, k)
             out[i] = verdict.inliers
-            self.details[int(uids[d])] = verdict.details(self.settings.model)
+            self.details[int(self.uids[d])] = verdict.details(self.settings.model)
         return out
 
     def enrich(self, drops: pa.Table) -> pa.Table:

@@ -6,7 +6,8 @@ and each image proposes its ``max_candidates`` best-voted partners (``curation.d
 local_search``). Each candidate pair is verified with OpenCV RANSAC (``curation.dedup.geometry``:
 inlier count, inlier ratio, coverage, a plausible transform); verified pairs are edges,
 connected components are groups of copies, and one image per group is kept with the rule of
-``copy_dedup`` (largest width*height, then smallest uid). Every drop's details name the kept
+``copy_dedup`` (largest width*height, then smallest uid); with ``grouping: star`` an image is
+dropped only when it verifies against the very image kept in its place (``offline.yaml``). Every drop's details name the kept
 image and give the inliers and the transform found between the dropped image and it.
 
 Images without features (fewer than ``local_features.min_keypoints``) are counted as
@@ -33,13 +34,13 @@ from curation.dedup.groups import duplicate_drops, rows_of
 from curation.dedup.local_features import column_features
 from curation.dedup.local_search import CandidateSearch, find_copies
 from curation.dedup.local_steps import DirectVerdicts, PairVerification, candidate_steps, verification_summary
-from curation.dedup.settings import DedupStageConfig
+from curation.dedup.settings import GroupingConfig
 from curation.partitioned.keepers import duplicate_keep, keep_step, members_step
 from curation.partitioned.steps import ComponentsStep
 from curation.stage import GlobalResult, GlobalStage, Resources
 
 
-class LocalCopyDedupConfig(DedupStageConfig):
+class LocalCopyDedupConfig(GroupingConfig):
     kind: Literal["local_copy_dedup"] = "local_copy_dedup"
     features: str = Field("local_features", description="features column written by a `local_features` stage")
     mirror: bool = Field(True, description="also match mirrored descriptors (RootSIFT), so horizontally flipped copies are found")
@@ -69,8 +70,9 @@ class LocalCopyDedupStage(GlobalStage):
         found = find_copies(rows.uid, feats, table.num_rows, cfg.search, cfg.verify, cfg.mirror, self.context.seed, cfg.gpu)
         edges = np.searchsorted(rows.uid, found.edges.reshape(-1)).reshape(-1, 2)
         labels = connected_components(len(rows), edges[:, 0], edges[:, 1])
-        direct = DirectVerdicts(cfg.verify, cfg.mirror)
-        drops, groups = duplicate_drops(rows, labels, cfg.reason, "inliers", lambda d, k: direct.inliers(feats, rows.uid, d, k))
+        direct = DirectVerdicts(cfg.verify, cfg.mirror, feats, rows.uid)
+        passes = direct.passes if cfg.grouping == "star" else None
+        drops, groups = duplicate_drops(rows, labels, cfg.reason, "inliers", direct.inliers, passes)
         summary = {
             "rows": len(rows),
             "too_few_keypoints": int((~has).sum()),
@@ -84,6 +86,7 @@ class LocalCopyDedupStage(GlobalStage):
             "components": groups["groups"],
             "dropped": groups["dropped"],
             "largest_group": groups["largest_group"],
+            "grouping": cfg.grouping,
             **{f"{k}_seconds": v for k, v in found.seconds.items()},
             "seconds": round(time.perf_counter() - t0, 3),
         }
@@ -94,13 +97,11 @@ class LocalCopyDedupStage(GlobalStage):
         cfg = self.config
         verification = PairVerification(cfg.features, cfg.verify, cfg.mirror, cfg.search.max_keypoints)
 
-        def keep(table, labels, ctx):
-            direct = DirectVerdicts(cfg.verify, cfg.mirror)
-
-            def score(members, d, k, ctx):
-                return direct.inliers(column_features(members.column(cfg.features)), members.column(schema.UID).to_numpy(), d, k)
-
-            return direct.enrich(duplicate_keep(cfg.reason, "inliers", score)(table, labels, ctx))
+        def keep(table, labels, ctx):  # features decoded once per task, each pair verified once
+            direct = DirectVerdicts(cfg.verify, cfg.mirror, column_features(table.column(cfg.features)), table.column(schema.UID).to_numpy())
+            test = (lambda members, ctx: direct.passes) if cfg.grouping == "star" else None
+            rule = duplicate_keep(cfg.reason, "inliers", lambda members, d, k, ctx: direct.inliers(d, k), test)
+            return direct.enrich(rule(table, labels, ctx))
 
         return [
             *candidate_steps(cfg.features, cfg.search, cfg.mirror, self.context.seed, cfg.gpu),
@@ -123,6 +124,7 @@ class LocalCopyDedupStage(GlobalStage):
             "dropped": int(keep.get("dropped", 0)),
             "largest_group": int(keep.get("largest_group_max", 0)),
             "largest_list": int(counters.get("search", {}).get("list_rows_max", 0)),
+            "grouping": self.config.grouping,
         }
 
 
