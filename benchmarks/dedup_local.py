@@ -52,8 +52,13 @@ def local_features_of(folder: Path, items: list[dict]) -> tuple[list, float]:
     return [f if len(f) >= min_kp else None for f in feats], cpu
 
 
-def local_methods(feats: list, items: list[dict], truth: set, hash_edges: tuple, feature_cpu: float, evaluate) -> list[dict]:
-    """``local_copy_dedup`` at its defaults, and the offline pipeline (phash_dedup + it)."""
+def local_methods(feats: list, items: list[dict], truth: set, hash_edges: tuple, feature_cpu: float, evaluate, hash_keeper) -> list[dict]:
+    """``local_copy_dedup`` at its defaults, and the offline pipeline (phash_dedup + it) as
+    ``offline.yaml`` runs it: pHash stars (``hash_keeper``), then local-feature stars among the
+    images pHash kept (each drop verified against its kept image), chained to the final kept
+    image; and, for comparison, the union of both stages' edges as connected components. (The
+    candidate search runs once over every image; the pipeline's second stage searches the pHash
+    survivors only, so its per-image candidate cap may pick slightly different partners.)"""
     from curation.dedup.local_search import find_copies
 
     cfg = LocalCopyDedupConfig(kind="local_copy_dedup")
@@ -77,12 +82,32 @@ def local_methods(feats: list, items: list[dict], truth: set, hash_edges: tuple,
                      "local-features", {"search": cfg.search.model_dump(), "verify": cfg.verify.model_dump(), "mirror": cfg.mirror})
     hi, hj = hash_edges
     src, dst = np.concatenate([hi, edges[:, 0]]), np.concatenate([hj, edges[:, 1]])
-    offline = evaluate("ours offline pipeline (phash_dedup default + local_copy_dedup default)", n, src, dst, items, truth, wall,
-                       "offline-pipeline", {"phash_dedup": "default", "local_copy_dedup": "default"})
-    for r in (local, offline):
+    chained = evaluate("ours offline stages, grouping: components", n, src, dst, items, truth, wall,
+                       "offline-pipeline-components", {"phash_dedup": "default", "local_copy_dedup": "default", "grouping": "components"})
+    offline = evaluate("ours offline pipeline (offline.yaml: pHash stars, then local-feature stars)", n, src, dst, items, truth, wall,
+                       "offline-pipeline", {"phash_dedup": "offline.yaml", "local_copy_dedup": "offline.yaml", "grouping": "star"},
+                       keeper=pipeline_keeper(feats, edges, hash_keeper, items, cfg))
+    for r in (local, chained, offline):
         r.update(cost)
         r["feature_seconds"] = round(feature_cpu, 2)
-    return [local, offline]
+    return [local, chained, offline]
+
+
+def pipeline_keeper(feats: list, edges: np.ndarray, hash_keeper: np.ndarray, items: list[dict], cfg) -> np.ndarray:
+    """The image each one ends up kept in place of after pHash stars then local-feature stars."""
+    from curation.dedup.geometry import verify_pair
+    from curation.dedup.grouping import star_keepers
+
+    n = len(items)
+    alive = hash_keeper == np.arange(n)
+    e = edges[alive[edges[:, 0]] & alive[edges[:, 1]]]
+    labels = connected_components(n, e[:, 0], e[:, 1])
+
+    def passes(kept, cand):
+        return np.array([verify_pair(feats[c], feats[kept], cfg.verify, cfg.mirror).ok for c in cand], bool)
+
+    local_keeper = star_keepers(labels, np.array([it.get("area", 0) for it in items], np.float64), np.arange(n), passes)
+    return local_keeper[hash_keeper]  # a pHash drop follows its kept image into the second stage
 
 
 def hard_negative_photos(photos: list[Path], count: int, rng: random.Random) -> list[Path]:
@@ -107,11 +132,15 @@ def hard_negative_photos(photos: list[Path], count: int, rng: random.Random) -> 
     return out
 
 
-def drop_counts(n: int, src, dst, items: list[dict]) -> dict:
-    """Distractors and hard negatives that the keep rule (largest area, then first) drops."""
-    labels = connected_components(n, np.asarray(src, np.int64), np.asarray(dst, np.int64))
-    area = np.array([it.get("area", 0) for it in items], np.float64)
-    keepers = pick_keepers(labels, area, np.arange(n))
+def drop_counts(n: int, src, dst, items: list[dict], keeper=None) -> dict:
+    """Distractors and hard negatives that the keep rule (largest area, then first) drops, or
+    that ``keeper`` (star grouping) drops."""
+    if keeper is None:
+        labels = connected_components(n, np.asarray(src, np.int64), np.asarray(dst, np.int64))
+        area = np.array([it.get("area", 0) for it in items], np.float64)
+        keepers = pick_keepers(labels, area, np.arange(n))
+    else:
+        keepers = np.asarray(keeper)
     dropped = keepers != np.arange(n)
     kind = np.array([it["transform"] for it in items])
     out = {}

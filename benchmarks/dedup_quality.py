@@ -65,6 +65,7 @@ sys.path.insert(0, str(ROOT))
 from curation.dedup.binary import hamming_pairs, uint64_to_codes  # noqa: E402
 from curation.dedup.components import connected_components  # noqa: E402
 from curation.dedup.descriptors import normalize_rows  # noqa: E402
+from curation.dedup.grouping import star_keepers  # noqa: E402
 from curation.dedup.knn_graph import knn_edges  # noqa: E402
 from curation.index_settings import IndexSettings  # noqa: E402
 from curation.dedup.pca_hash import fit_pca, sign_codes  # noqa: E402
@@ -303,10 +304,12 @@ def feature_cpu_ms(family: str, cpu: dict, n: int) -> float:
 
 
 # -- evaluation ----------------------------------------------------------------------------
-def evaluate(name: str, n: int, src, dst, items, truth, seconds: float, family: str, config: dict) -> dict:
+def evaluate(name: str, n: int, src, dst, items, truth, seconds: float, family: str, config: dict, keeper=None) -> dict:
+    """Pair precision and recall of what a method groups: connected components of its edges, or
+    with ``keeper`` (the image each one is kept in place of, ``grouping: star``) its stars."""
     src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
     edges = {(int(min(a, b)), int(max(a, b))) for a, b in zip(src, dst) if a != b}
-    labels = connected_components(n, src, dst)
+    labels = connected_components(n, src, dst) if keeper is None else np.asarray(keeper, np.int64)
     grouped = pairs_of_groups(labels)
     distractor = {i for i, it in enumerate(items) if it["transform"] == "distractor"}
 
@@ -329,7 +332,7 @@ def evaluate(name: str, n: int, src, dst, items, truth, seconds: float, family: 
         "groups_all_pairs": scores(grouped, truth),
         "recall_by_transform": {t: round(float(np.mean(v)), 4) for t, v in sorted(per_transform.items())},
         "precision_by_transform": precision_by_transform(labelled(grouped), truth, items),
-        **drop_counts(n, src, dst, items),
+        **drop_counts(n, src, dst, items, keeper),
         "seconds": round(seconds, 3),
     }
 
@@ -481,7 +484,9 @@ def main() -> None:
         print(f"local features (local_features stage defaults): {1000 * local_cpu / len(items):.1f} CPU-ms per image")
         n = len(items)
         pi, pj = hash_edges(np.concatenate([feats["phash"], feats["phash_flip"]]), PhashDedupConfig(kind="phash_dedup").radius)
-        ours += local_methods(local_feats, items, truth, (pi % n, pj % n), local_cpu, evaluate)
+        hash_keeper = star_keepers(connected_components(n, pi % n, pj % n), np.array([it["area"] for it in items], np.float64), np.arange(n),
+                                   phash_test(feats["phash"], feats["phash_flip"], PhashDedupConfig(kind="phash_dedup").radius)[0])
+        ours += local_methods(local_feats, items, truth, (pi % n, pj % n), local_cpu, evaluate, hash_keeper)
         grouping = []
         for r in (4, 6, 8, 10):  # looser radii chain more
             gi, gj = hash_edges(np.concatenate([feats["phash"], feats["phash_flip"]]), r)
