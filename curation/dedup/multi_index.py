@@ -17,9 +17,10 @@ bucket's partition. A reduce task then
 Memory per reduce task: the distinct codes of its partition and their edges. A bucket is only
 as large as the number of codes sharing a substring value; with substrings of ~64 / (r+1) bits
 the partitions stay balanced for hash-like codes (radius 6 on 64 bits: 9-10-bit substrings).
-Time: the pairs compared inside buckets grow as (r+1) N^2 / 2^(64/(r+1)) (N^2 / 146 for radius
-6), ~1 ns each in FAISS: about a minute of task time at 2M codes, the one super-linear term of
-the deduplication stages (docs/architecture.md).
+Time: the code comparisons inside buckets grow as (r+1) N^2 / 2^(64/(r+1)) (FAISS compares a
+bucket's full matrix: N^2 / 80 for radius 6, N^2 / 1,400 for radius 4), ~1 ns each: about a
+minute of task time at 2M codes, the one super-linear term of the deduplication stages
+(docs/architecture.md).
 """
 
 from __future__ import annotations
