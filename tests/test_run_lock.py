@@ -91,14 +91,18 @@ def test_one_run_per_directory_and_a_killed_run_is_taken_over(tmp_path, gated_se
         wait_until(lambda: (h := read_holder(out)) is not None and h.pid == first.pid, first, "the first run held the lock")
         wait_until(lambda: len(requests) > 0, first, "the first run was crawling")
 
-        timings = []
-        for _ in range(3):  # the best of three: a shared machine's load says nothing about the lock
-            t0 = time.monotonic()
-            second = subprocess.run(run_args, capture_output=True, text=True, env=ENV, timeout=60)
-            timings.append(time.monotonic() - t0)
-            assert second.returncode == 2, second.stderr
-            assert f"another run is using {out}: pid {first.pid}" in second.stderr
-        assert min(timings) < 2.0, f"the second run took {', '.join(f'{t:.2f}' for t in timings)} s to be refused"
+        # Refused before the pipeline's modules load: a second run that cannot import torch, ray
+        # or faiss (stand-ins that raise) is still refused with the holder named. Its time is
+        # printed, not asserted (a shared machine's load says nothing about the lock).
+        shim = tmp_path / "no_heavy_imports"
+        for name in ("torch", "ray", "faiss"):
+            (shim / name).mkdir(parents=True)
+            (shim / name / "__init__.py").write_text(f"raise ImportError('{name} imported before the lock was checked')\n")
+        t0 = time.monotonic()
+        second = subprocess.run(run_args, capture_output=True, text=True, env={**ENV, "PYTHONPATH": f"{shim}{os.pathsep}{PROJECT}"}, timeout=60)
+        print(f"a busy directory refused in {time.monotonic() - t0:.2f} s")
+        assert second.returncode == 2, second.stderr
+        assert f"another run is using {out}: pid {first.pid}" in second.stderr
         assert first.poll() is None  # the first run goes on, its status as it wrote it
         assert json.loads((out / "status.json").read_text())["state"] == "running"
 
