@@ -95,17 +95,14 @@ def local_methods(feats: list, items: list[dict], truth: set, hash_edges: tuple,
 
 def pipeline_keeper(feats: list, edges: np.ndarray, hash_keeper: np.ndarray, items: list[dict], cfg) -> np.ndarray:
     """The image each one ends up kept in place of after pHash stars then local-feature stars."""
-    from curation.dedup.geometry import verify_pair
     from curation.dedup.grouping import star_keepers
+    from curation.dedup.local_steps import DirectVerdicts
 
     n = len(items)
     alive = hash_keeper == np.arange(n)
     e = edges[alive[edges[:, 0]] & alive[edges[:, 1]]]
     labels = connected_components(n, e[:, 0], e[:, 1])
-
-    def passes(kept, cand):
-        return np.array([verify_pair(feats[c], feats[kept], cfg.verify, cfg.mirror).ok for c in cand], bool)
-
+    passes = DirectVerdicts(cfg.verify, cfg.mirror, feats).passes  # the stage's own star test
     local_keeper = star_keepers(labels, np.array([it.get("area", 0) for it in items], np.float64), np.arange(n), passes)
     return local_keeper[hash_keeper]  # a pHash drop follows its kept image into the second stage
 

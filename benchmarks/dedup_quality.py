@@ -483,9 +483,10 @@ def main() -> None:
         local_feats, local_cpu = local_features_of(folder, items)
         print(f"local features (local_features stage defaults): {1000 * local_cpu / len(items):.1f} CPU-ms per image")
         n = len(items)
-        pi, pj = hash_edges(np.concatenate([feats["phash"], feats["phash_flip"]]), PhashDedupConfig(kind="phash_dedup").radius)
+        radius = PhashDedupConfig(kind="phash_dedup").radius
+        pi, pj = hash_edges(np.concatenate([feats["phash"], feats["phash_flip"]]), radius)
         hash_keeper = star_keepers(connected_components(n, pi % n, pj % n), np.array([it["area"] for it in items], np.float64), np.arange(n),
-                                   phash_test(feats["phash"], feats["phash_flip"], PhashDedupConfig(kind="phash_dedup").radius)[0])
+                                   phash_test(feats["phash"], feats["phash_flip"], radius)[0])
         ours += local_methods(local_feats, items, truth, (pi % n, pj % n), local_cpu, evaluate, hash_keeper)
         grouping = []
         for r in (4, 6, 8, 10):  # looser radii chain more

@@ -62,7 +62,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def cmd_run(args) -> int:
     from curation.runlock import RunLocked, check_free
 
-    if not getattr(args, "dry_run", False):  # a dry run reports a busy directory instead
+    dry = getattr(args, "dry_run", False)
+    if not dry:  # a dry run reports a busy directory instead
         try:
             check_free(args.out)  # a busy directory is refused before the pipeline's modules load
         except RunLocked as e:
@@ -76,7 +77,7 @@ def cmd_run(args) -> int:
     missing_pools = [p for p in args.pool if not Path(p).exists()]
     if missing_pools:
         raise UsageError(f"--pool path(s) do not exist: {', '.join(missing_pools)}")
-    if getattr(args, "dry_run", False):
+    if dry:
         return _dry_run(args, cfg)
     notes = check_pipeline(
         cfg, allow_missing=args.allow_missing_weights, fetch=args.fetch_weights,

@@ -27,14 +27,14 @@ def dry_run(req: RunRequest) -> dict:
     out: dict = {"run_dir": str(store.run_dir), "fingerprint": runner.fingerprint(), "config": cfg.model_dump(mode="json")}
     out["state"], out["detail"] = _state(runner)
     specs = source_specs(req.pools, runner.seeds, runner.excludes)
-    if out["state"] == "resume" and store.plan_json.exists():
-        change = _inputs_change(store, specs)
-        if change and req.replan:
-            out["state"], out["detail"] = "replan", f"plans again and runs every stage ({change}; --replan)"
-        elif change:
-            out["state"], out["detail"] = "refused", f"the inputs changed since the plan: {change} (--replan to plan again)"
-    reused = store.plan_json.exists() and out["state"] == "resume"
-    units = [WorkUnit.from_dict(u) for u in read_json(store.plan_json)["units"]] if reused else plan_units(specs, cfg.ingest)
+    plan = read_json(store.plan_json) if out["state"] == "resume" and store.plan_json.exists() else None
+    change = _inputs_change(plan, specs) if plan else None
+    if change and req.replan:
+        out["state"], out["detail"] = "replan", f"plans again and runs every stage ({change}; --replan)"
+    elif change:
+        out["state"], out["detail"] = "refused", f"the inputs changed since the plan: {change} (--replan to plan again)"
+    reused = plan is not None and out["state"] == "resume"
+    units = [WorkUnit.from_dict(u) for u in plan["units"]] if reused else plan_units(specs, cfg.ingest)
     out["plan"] = {"reused": reused, "shard_size": cfg.ingest.shard_size, "inputs": _inputs(units)}
     out["plan"]["items"] = sum(i["items"] for i in out["plan"]["inputs"])
     out["plan"]["shards"] = len(units)
@@ -58,10 +58,9 @@ def _state(runner: Runner) -> tuple[str, str]:
     return "resume", f"resumes the run there ({len(done)} stage(s) done: {', '.join(done) or 'none'})"
 
 
-def _inputs_change(store, specs) -> str | None:
-    """What changed in the inputs since the stored plan was made (None: nothing, or a plan made
-    without an input fingerprint), as a resumed run would find it."""
-    plan = read_json(store.plan_json)
+def _inputs_change(plan: dict, specs) -> str | None:
+    """What changed in the inputs since the stored ``plan`` was made (None: nothing, or a plan
+    made without an input fingerprint), as a resumed run would find it."""
     return inputs_changed(plan["inputs"], specs) if "inputs" in plan else None
 
 

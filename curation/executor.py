@@ -2,8 +2,8 @@
 
 Per-shard work (ingest, map stages, emit) and the tasks of partitioned global stages all go
 through Ray Data: a dataset of pending work items is mapped by tasks (map stages: set up once
-per worker process), or by an actor pool for map stages that need a GPU, and every worker reads its inputs from the run
-directory and writes its outputs back atomically. Which items are pending is decided from
+per worker process), or by an actor pool for map stages that need a GPU, and every worker
+reads its inputs from the run directory and writes its outputs back atomically. Which items are pending is decided from
 completion markers, so a re-run resumes at shard or partition granularity.
 
 A global stage runs in one of two forms (``execution.global_stages``):

@@ -100,7 +100,7 @@ def hamming_pairs(
     _, first = np.unique(view, return_index=True)
     first = np.sort(first)
     if len(first) < n:  # search the distinct codes only, then map back to first members
-        di, dj, dd, used = hamming_pairs(codes[first], radius, method, query_batch)
+        di, dj, dd, used = distinct_pairs(codes[first], radius, method, query_batch)
         i, j = first[di], first[dj]
         lo, hi = np.minimum(i, j), np.maximum(i, j)
         return (
@@ -109,8 +109,7 @@ def hamming_pairs(
             np.concatenate([np.zeros(len(si), np.int64), dd]),
             used,
         )
-    i, j, d, used = distinct_pairs(codes, radius, method, query_batch)
-    return i, j, d, used
+    return distinct_pairs(codes, radius, method, query_batch)
 
 
 def distinct_pairs(
@@ -119,6 +118,9 @@ def distinct_pairs(
     """``hamming_pairs`` for codes already known to be distinct: the FAISS range search alone."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     n, nbytes = codes.shape
+    if n < 2:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, "none"
     used = choose_method(n, method)
     nbits = nbytes * 8
     if used == "flat":

@@ -148,7 +148,6 @@ def pairs_reduce(part, ctx, radius: int, method: str = "auto") -> dict:
     here = partition_of(keys.reshape(-1).view(np.int64), partitions).reshape(keys.shape) == mine
     a_same, b_same = distinct.star_edges()
     found: list[tuple[np.ndarray, np.ndarray]] = []
-    largest = 0
     for i, j, t in _bucket_candidates(codes, keys, here, radius, method):
         # A pair sharing several buckets is kept only by its first shared one (one task emits it).
         first = np.argmax(keys[:, i] == keys[:, j], axis=0)

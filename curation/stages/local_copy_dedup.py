@@ -7,8 +7,9 @@ local_search``). Each candidate pair is verified with OpenCV RANSAC (``curation.
 inlier count, inlier ratio, coverage, a plausible transform); verified pairs are edges,
 connected components are groups of copies, and one image per group is kept with the rule of
 ``copy_dedup`` (largest width*height, then smallest uid); with ``grouping: star`` an image is
-dropped only when it verifies against the very image kept in its place (``offline.yaml``). Every drop's details name the kept
-image and give the inliers and the transform found between the dropped image and it.
+dropped only when it verifies against the very image kept in its place (``offline.yaml``).
+Every drop's details name the kept image and give the inliers and the transform found between
+the dropped image and it.
 
 Images without features (fewer than ``local_features.min_keypoints``) are counted as
 ``too_few_keypoints`` and left to the other dedup stages; they are never dropped here.
