@@ -27,10 +27,12 @@ from curation.metrics import record_stage_shard
 from curation.partitioned import files
 from curation.partitioned.monitor import TaskMonitor
 from curation.partitioned.steps import (
+    ANNOTATIONS,
     DROPS,
     AggregateStep,
     Artifact,
     ComponentsStep,
+    CrossStep,
     MapStep,
     Output,
     PartitionInput,
@@ -179,10 +181,13 @@ def _run_step(step, ctx: TaskContext, view, steps_dir: Path, plan: dict) -> dict
         stage = ctx.stage
         cols = list(dict.fromkeys([schema.ROLE, *(step.columns or global_input_columns(stage))]))
         table = group_table(view, plan["groups"][ctx.task], cols, stage.roles)
-        if step.side_input:
-            side = _dataset(steps_dir, step.side_input)
-            ctx.side = PartitionInput(side, ctx.task)
+        refs = (step.side_input,) if isinstance(step.side_input, str) else tuple(step.side_input or ())
+        ctx.sides = {ref: PartitionInput(_dataset(steps_dir, ref), ctx.task) for ref in refs}
+        ctx.side = ctx.sides[refs[0]] if len(refs) == 1 else None
         return step.fn(table, ctx)
+    if isinstance(step, CrossStep):
+        left, right = cross_pair(plan, step, ctx.task)
+        return step.fn(PartitionInput(_dataset(steps_dir, step.left), left), PartitionInput(_dataset(steps_dir, step.right), right), ctx)
     if isinstance(step, ReduceStep):
         ds = _dataset(steps_dir, step.input)
         producer, name = step.input.split("/")
@@ -190,6 +195,8 @@ def _run_step(step, ctx: TaskContext, view, steps_dir: Path, plan: dict) -> dict
         if step.whole:
             parts = [] if ds is None else [PartitionInput(ds, int(p)) for p in ds.partitions()]
             return step.fn(parts, ctx)
+        if step.side_input:
+            ctx.side = PartitionInput(_dataset(steps_dir, step.side_input), ctx.task)
         return step.fn(PartitionInput(ds, ctx.task), ctx)
     if isinstance(step, AggregateStep):
         inputs = {}
@@ -198,6 +205,12 @@ def _run_step(step, ctx: TaskContext, view, steps_dir: Path, plan: dict) -> dict
             inputs[ref] = PartitionInput(ds, 0)
         return {"_artifact": step.fn(inputs, ctx)}
     raise StageError(f"cannot run step {step!r} as a task")
+
+
+def cross_pair(plan: dict, step: CrossStep, task: int) -> tuple[int, int]:
+    """(left partition, right partition) of a cross task: task = left * R + right."""
+    producer, name = step.right.split("/")
+    return divmod(task, max(1, int(plan["partitions"][producer][name])))
 
 
 def _builtin(name: str, stage, view, store: RunStore, rec, plan: dict, task: int) -> dict:
@@ -210,11 +223,14 @@ def _builtin(name: str, stage, view, store: RunStore, rec, plan: dict, task: int
     drops = PartitionInput(ds, task).read() if ds is not None else None
     drops = drops if drops is not None else empty_drops()
     by_shard = split_by_shard(drops)
+    ann_ds = _dataset(store.steps_dir(rec), plan["annotations"]) if plan.get("annotations") else None
+    ann = PartitionInput(ann_ds, task).read() if ann_ds is not None else None
+    ann_by_shard = split_by_shard(ann) if ann is not None else {}
     reasons: dict[str, int] = {}
     for shard in shards:
         part = by_shard.get(shard, empty_drops())
         base = view.read(shard, LEDGER_BASE_COLUMNS) if part.num_rows else empty_base()
-        write_global_shard(store, rec, shard, base, part, None, stage.output_schema())
+        write_global_shard(store, rec, shard, base, part, ann_by_shard.get(shard), stage.output_schema())
         for r in part.column(schema.DROP_REASON).to_pylist():
             reasons[r] = reasons.get(r, 0) + 1
     return {"_counters": {f"dropped:{k}": v for k, v in reasons.items()}}
@@ -331,6 +347,12 @@ class PartitionedRun:
             self.set_partitions(step.name, step.outputs)
             tasks = [0] if step.whole else self.input_partitions(step.input)
             self.run_step_tasks(step.name, tasks, [o.name for o in step.outputs])
+        elif isinstance(step, CrossStep):
+            self.set_partitions(step.name, step.outputs)
+            producer, name = step.right.split("/")
+            width = int(self.plan["partitions"][producer][name])
+            tasks = [lp * width + rp for lp in self.input_partitions(step.left) for rp in self.input_partitions(step.right)]
+            self.run_step_tasks(step.name, tasks, [o.name for o in step.outputs])
         elif isinstance(step, AggregateStep):
             stats = self.run_step_tasks(step.name, [0], [])
             if step.name not in self.plan["facts"]:
@@ -354,6 +376,8 @@ class PartitionedRun:
             raise StageError(f"stage {self.stage.name}: its partitioned steps write no {DROPS!r} dataset")
         if "drops" not in self.plan:
             self.plan["drops"] = f"{producer.name}/{DROPS}"
+            if any(o.name == ANNOTATIONS for o in producer.outputs):
+                self.plan["annotations"] = f"{producer.name}/{ANNOTATIONS}"
             self._save(self.plan)
         finals = self.run_step_tasks(FINALIZE, list(range(n_groups)), [], num_cpus=0.5)
         counters = {name: merge_counters(st) for name, st in self.step_stats.items()}

@@ -8,16 +8,21 @@ and schedules the next step, so any task can be retried or resumed on its own.
 * ``MapStep``: one task per group of input shards (at most ``map_task_rows`` rows). It sees the
   stage's input columns for the rows of its roles and returns ``{dataset: table}``, each table
   carrying a ``_partition`` column (the shuffle key, already hashed). ``side_input`` names a
-  dataset keyed by group whose partition for this group is handed over as well (a join).
+  dataset (or a tuple of them) keyed by group whose partition for this group is handed over as
+  well (a join).
 * ``ReduceStep``: one task per non-empty partition of ``input``; it streams the partition in
-  chunks and returns ``{dataset: table}`` keyed for the next step.
+  chunks and returns ``{dataset: table}`` keyed for the next step. ``side_input`` names a
+  dataset partitioned the same way whose partition of the same number comes along.
+* ``CrossStep``: one task per pair of non-empty partitions of ``left`` and ``right`` (an index
+  shard against a batch of queries): each side bounded, so neither side is ever held whole.
 * ``AggregateStep``: one task over small datasets (a sample, per-task partial sums) that returns
   an artifact (numpy arrays and JSON values) every later task can read.
 * ``ComponentsStep``: connected components of an edge dataset, distributed
   (``curation.partitioned.components``); it writes ``(uid, label)`` keyed by group.
 
-The last step of every stage writes the dataset ``drops`` keyed by group; the engine turns it
-into the same per-shard drops and ledger files as the single-task form.
+The last step of every stage writes the dataset ``drops`` keyed by group (and, for a stage with
+output columns, ``annotations`` keyed by group, from the same step); the engine turns them into
+the same per-shard drops, ledger and annotation files as the single-task form.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from curation import schema
 from curation.partitioned.keys import partition_of
 
 DROPS = "drops"
+ANNOTATIONS = "annotations"
 
 
 @dataclass
@@ -53,7 +59,16 @@ class MapStep:
     fn: Callable[[pa.Table, "TaskContext"], dict[str, pa.Table]]
     outputs: list[Output]
     columns: tuple[str, ...] | None = None  # default: the stage's input columns
-    side_input: str | None = None  # "step/dataset" keyed by group
+    side_input: str | tuple[str, ...] | None = None  # "step/dataset" keyed by group, or several
+
+
+@dataclass
+class CrossStep:
+    name: str
+    left: str  # "step/dataset"
+    right: str  # "step/dataset"
+    fn: Callable[["PartitionInput", "PartitionInput", "TaskContext"], dict[str, pa.Table]]
+    outputs: list[Output]
 
 
 @dataclass
@@ -63,6 +78,7 @@ class ReduceStep:
     fn: Callable[["PartitionInput", "TaskContext"], dict[str, pa.Table]]
     outputs: list[Output]
     whole: bool = False  # one task over every partition (fn gets a list of PartitionInput)
+    side_input: str | None = None  # "step/dataset" whose same-numbered partition comes along (ctx.side)
 
 
 @dataclass
@@ -79,7 +95,7 @@ class ComponentsStep:
     output: str = "labels"
 
 
-Step = MapStep | ReduceStep | AggregateStep | ComponentsStep
+Step = MapStep | ReduceStep | CrossStep | AggregateStep | ComponentsStep
 
 
 @dataclass
@@ -139,6 +155,7 @@ class TaskContext:
     artifacts: Callable[[str], Artifact]
     counters: dict[str, float] = field(default_factory=dict)
     side: "PartitionInput | None" = None  # a map step's side input for its group
+    sides: dict[str, "PartitionInput"] = field(default_factory=dict)  # every side input, by "step/dataset"
     input_partitions: int = 0  # a reduce step's input dataset: how many partitions it has
 
     def count(self, key: str, value: float = 1) -> None:

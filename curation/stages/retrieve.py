@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from typing import Literal
 
 import numpy as np
@@ -40,11 +39,11 @@ from curation.stage import GlobalResult, GlobalStage, Resources, StageConfig, em
 from retrieval.cluster import PAPER_CLUSTERS, cluster_params, cluster_retrieval
 from retrieval.hierarchical_kmeans import kmeans_with_resampling
 from retrieval.kmeans import assign, kmeans
+from retrieval.provenance import Provenance, provenance
 from retrieval.sample import sample_retrieval
 
 log = logging.getLogger(__name__)
 
-METHOD_ORDER = ("sample", "cluster")
 NOT_RETRIEVED = "not_retrieved"
 
 
@@ -123,6 +122,17 @@ class RetrieveStage(GlobalStage):
 
     def manifest_section(self) -> dict:
         return {"embedding": self.config.embedding, "index": self.config.index.model_dump(), "clustering": self.config.clustering.model_dump()}
+
+    # -- partitioned form (curation.retrieve) ---------------------------------------------
+    def partitioned_steps(self) -> list:
+        from curation.retrieve.steps import retrieve_steps
+
+        return retrieve_steps(self)
+
+    def partitioned_summary(self, counters: dict, facts: dict) -> dict:
+        from curation.retrieve.steps import summary
+
+        return summary(self, counters, facts)
 
     # -- run ------------------------------------------------------------------------------
     def run(self, table: pa.Table) -> GlobalResult:
@@ -266,38 +276,13 @@ class RetrieveStage(GlobalStage):
     # -- provenance -----------------------------------------------------------------------
     def _provenance(self, arrays, table: pa.Table, pool_rows: np.ndarray):
         pool_idx, seed_row, sim, method, dataset, cluster = arrays
-        order = np.lexsort((seed_row, -sim, pool_idx))
-        pool_idx, seed_row, sim, method, dataset, cluster = (a[order] for a in arrays)
         ids = table.column(schema.ID).to_numpy(zero_copy_only=False)
         uids = table.column(schema.UID).to_numpy()
-        bounds = np.flatnonzero(np.diff(pool_idx)) + 1
-        starts = np.concatenate([[0], bounds])
-        ends = np.concatenate([bounds, [len(pool_idx)]])
-        out_uid, out_method, out_ds, out_ids, out_sim, out_cluster = [], [], [], [], [], []
-        by_dataset: dict[str, int] = defaultdict(int)
-        m = self.config.max_seed_links
-        for a, b in zip(starts, ends):
-            methods = set(method[a:b])
-            datasets = sorted(set(dataset[a:b]))
-            for d in datasets:
-                by_dataset[d] += 1
-            seen: list[str] = []
-            for r in seed_row[a:b]:
-                sid = ids[r]
-                if sid not in seen:
-                    seen.append(sid)
-                    if len(seen) == m:
-                        break
-            cl = cluster[a:b][cluster[a:b] >= 0]
-            out_uid.append(uids[pool_rows[pool_idx[a]]])
-            out_method.append("+".join(x for x in METHOD_ORDER if x in methods))
-            out_ds.append(",".join(datasets))
-            out_ids.append(seen)
-            out_sim.append(float(sim[a]))
-            out_cluster.append(int(cl[0]) if len(cl) else None)
-        retrieved_idx = pool_idx[starts]
-        ann = self._annotations(np.asarray(out_uid, np.int64), out_method, out_ds, out_ids, out_sim, out_cluster)
-        return ann, retrieved_idx, by_dataset
+        p = provenance(uids[pool_rows[pool_idx]], uids[seed_row], ids[seed_row], sim, method, dataset, cluster, self.config.max_seed_links)
+        return self.annotations(p), np.flatnonzero(np.isin(uids[pool_rows], p.uid)), p.by_dataset
+
+    def annotations(self, p: Provenance) -> pa.Table:
+        return self._annotations(p.uid, p.method, p.dataset, p.seed_ids, p.similarity, p.cluster)
 
     def _annotations(self, uids, method, datasets, seed_ids, sim, cluster) -> pa.Table:
         s = self.output_schema()

@@ -1,0 +1,1 @@
+"""The partitioned form of the ``retrieve`` stage (its steps, cluster selection, summary)."""
