@@ -1,19 +1,23 @@
 """``curate run --dry-run``: what a run would do, with nothing written and Ray not started.
 
-It resolves the configuration (``--set`` included), makes the ingest plan in memory (or reads
-the one a run directory already holds), checks every model file, says whether the run directory
-would be started, resumed or refused (naming the changed keys), and lists the stages that would
-run, with the form each global stage would take.
+It resolves the configuration (``--set`` included), makes the ingest plan in memory, counting
+its units as they are made without keeping them (or reads the one a run directory already
+holds), checks every model file, says whether the run directory would be started, resumed or
+refused (naming the changed keys), and lists the stages that would run, with the form each
+global stage would take.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import yaml
 
 from curation.executor import choose_form
-from curation.ingest.plan import WorkUnit, plan_units
-from curation.models import WeightsError, check_pipeline, pipeline_needs
 from curation.ingest.inputs import inputs_changed
+from curation.ingest.plan import SourceSpec, WorkUnit, iter_units
+from curation.models import WeightsError, check_pipeline, pipeline_needs
+from curation.plan_files import Plan
 from curation.planning import source_specs
 from curation.runlock import RunLocked, check_free
 from curation.runner import RunRequest, Runner
@@ -27,17 +31,17 @@ def dry_run(req: RunRequest) -> dict:
     out: dict = {"run_dir": str(store.run_dir), "fingerprint": runner.fingerprint(), "config": cfg.model_dump(mode="json")}
     out["state"], out["detail"] = _state(runner)
     specs = source_specs(req.pools, runner.seeds, runner.excludes)
-    plan = read_json(store.plan_json) if out["state"] == "resume" and store.plan_json.exists() else None
-    change = _inputs_change(plan, specs) if plan else None
+    stored = _stored_plan(store) if out["state"] == "resume" else None
+    change = inputs_changed(stored[1], specs) if stored and stored[1] is not None else None
     if change and req.replan:
         out["state"], out["detail"] = "replan", f"plans again and runs every stage ({change}; --replan)"
     elif change:
         out["state"], out["detail"] = "refused", f"the inputs changed since the plan: {change} (--replan to plan again)"
-    reused = plan is not None and out["state"] == "resume"
-    units = [WorkUnit.from_dict(u) for u in plan["units"]] if reused else plan_units(specs, cfg.ingest)
-    out["plan"] = {"reused": reused, "shard_size": cfg.ingest.shard_size, "inputs": _inputs(units)}
+    reused = stored is not None and out["state"] == "resume"
+    facts = stored[0] if reused else ((u.shard, u.spec, u.kind, len(u.items)) for u in iter_units(specs, cfg.ingest))
+    out["plan"] = {"reused": reused, "shard_size": cfg.ingest.shard_size, "inputs": _inputs(facts)}
     out["plan"]["items"] = sum(i["items"] for i in out["plan"]["inputs"])
-    out["plan"]["shards"] = len(units)
+    out["plan"]["shards"] = sum(i["shards"] for i in out["plan"]["inputs"])
     out["weights"] = _weights(req, runner)
     out["stages"] = _stages(runner, out["plan"]["items"])
     return out
@@ -58,18 +62,27 @@ def _state(runner: Runner) -> tuple[str, str]:
     return "resume", f"resumes the run there ({len(done)} stage(s) done: {', '.join(done) or 'none'})"
 
 
-def _inputs_change(plan: dict, specs) -> str | None:
-    """What changed in the inputs since the stored ``plan`` was made (None: nothing, or a plan
-    made without an input fingerprint), as a resumed run would find it."""
-    return inputs_changed(plan["inputs"], specs) if "inputs" in plan else None
+def _stored_plan(store) -> tuple[Iterable, dict | None] | None:
+    """(unit facts, input fingerprint) of the plan a run directory holds, read as a resumed run
+    would find it, without writing: a ``plan.json`` of an older run is read as it is (a run
+    converts it into plan files). None when there is no finished plan."""
+    plan = Plan.open(store.plan_dir)
+    if plan is not None:
+        return plan.facts(), plan.inputs
+    if store.legacy_plan_json.exists():
+        old = read_json(store.legacy_plan_json)
+        units = (WorkUnit.from_dict(u) for u in old["units"])
+        return ((u.shard, u.spec, u.kind, len(u.items)) for u in units), old.get("inputs")
+    return None
 
 
-def _inputs(units: list[WorkUnit]) -> list[dict]:
+def _inputs(facts: Iterable[tuple[int, SourceSpec, str, int]]) -> list[dict]:
+    """Items and shards per source from (shard, spec, kind, item count), one unit at a time."""
     by_source: dict[str, dict] = {}
-    for u in units:
-        s = by_source.setdefault(u.spec.source, {"source": u.spec.source, "path": u.spec.path, "kinds": {}, "items": 0, "shards": 0})
-        n = len(u.items) if u.kind != "error" else 1
-        s["kinds"][u.kind] = s["kinds"].get(u.kind, 0) + n
+    for _, spec, kind, n_items in facts:
+        s = by_source.setdefault(spec.source, {"source": spec.source, "path": spec.path, "kinds": {}, "items": 0, "shards": 0})
+        n = n_items if kind != "error" else 1
+        s["kinds"][kind] = s["kinds"].get(kind, 0) + n
         s["items"] += n
         s["shards"] += 1
     return list(by_source.values())
@@ -123,7 +136,7 @@ def format_dry_run(d: dict) -> str:
              f"fingerprint: {d['fingerprint']}", ""]
     plan = d["plan"]
     lines.append(f"plan: {plan['items']:,} input items in {plan['shards']:,} shard(s) of at most {plan['shard_size']:,}"
-                 + (" (the run directory's plan.json)" if plan["reused"] else ""))
+                 + (" (the run directory's plan)" if plan["reused"] else ""))
     for s in plan["inputs"]:
         kinds = ", ".join(f"{k} {n:,}" for k, n in s["kinds"].items())
         lines.append(f"  {s['source']:<24} {s['items']:>10,} items {s['shards']:>6,} shard(s)  ({kinds})  {s['path']}")

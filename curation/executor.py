@@ -157,7 +157,8 @@ class RayExecutor:
             return stats
         t0 = time.perf_counter()
         pending = [s for s in shards if not self.store.shard_done(rec, s)]
-        done_images = sum(int(self.store.shard_stats(rec, s).get("in", 0)) for s in shards if s not in set(pending))
+        waiting = set(pending)
+        done_images = sum(int(self.store.shard_stats(rec, s).get("in", 0)) for s in shards if s not in waiting)
         self.progress.stage_started(rec.name, total, "images", done_images, len(shards), len(shards) - len(pending))
         for attempt in range(self.execution.stage_retries + 1):
             pending = [s for s in pending if not self.store.shard_done(rec, s)]
@@ -201,17 +202,18 @@ class RayExecutor:
                 agg["dropped"][r] = agg["dropped"].get(r, 0) + c
         return agg
 
-    def ingest(self, rec: StageRecord, units: list, ingest_cfg: dict) -> dict:
-        by_shard = {u.shard: u for u in units}
+    def ingest(self, rec: StageRecord, plan, ingest_cfg: dict) -> dict:
+        """One task per unit of ``plan`` (``curation.plan_files.Plan``). A task is handed its
+        shard and plan file and reads its unit there, so the dataset the driver builds holds one
+        small row per unit, never the items."""
         run_dir, record = str(self.store.run_dir), rec.to_dict()
 
         def fn(batch: dict) -> dict:
-            stats = [ingest_shard(run_dir, record, json.loads(u), ingest_cfg) for u in batch["unit"]]
+            stats = [ingest_shard(run_dir, record, f, int(s), ingest_cfg) for f, s in zip(batch["plan_file"], batch["shard"])]
             return {"stats": np.asarray([json.dumps(s, default=plain) for s in stats])}
 
-        total = sum(len(u.items) if u.kind != "error" else 1 for u in units)
         return self.run_shards(
-            rec, list(by_shard), lambda s: {"unit": json.dumps(by_shard[s].to_dict())}, fn, lambda n: {"num_cpus": 0.5}, total=total
+            rec, plan.shards(), lambda s: {"shard": s, "plan_file": str(plan.file_of(s))}, fn, lambda n: {"num_cpus": 0.5}, total=plan.num_items
         )
 
     def map_stage(self, stage: MapStage, spec: StageSpec, cluster_cpus: int, cluster_gpus: int) -> dict:

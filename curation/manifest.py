@@ -84,7 +84,7 @@ def check_against_plan(uids: Sequence[int], planned: dict[int, int]) -> None:
         problems.append(f"{_items(int((counts > 1).sum()), 'item')} recorded more than once ({_examples(unique[counts > 1])})")
     if problems:
         raise AccountingError(
-            "the ledger does not account for the plan (plan.json): " + "; ".join(problems)
+            "the ledger does not account for the plan (plan/): " + "; ".join(problems)
             + ". Ledger files were lost or altered after they were written, so this run's accounting "
             "cannot be trusted: run again into a new --out"
         )

@@ -1,8 +1,10 @@
 """The planning step: which work units (ingest shards) a run has.
 
-The plan is made once, on the driver, from the pool, seed and exclude sources, and stored as
-``plan.json`` in the run directory; a re-run reads it back, so shard numbers and therefore uids
-stay the same and a killed run resumes where it stopped.
+The plan is made once, on the driver, from the pool, seed and exclude sources, and streamed into
+plan files under ``RUN/plan/`` as the inputs are read (``curation.plan_files``: the driver never
+holds every unit); a re-run reads them back, so shard numbers and therefore uids stay the same
+and a killed run resumes where it stopped. A plan killed while being written has no index and is
+made again from scratch.
 
 With the plan goes a fingerprint of its inputs (``curation.ingest.inputs``: size and mtime of
 every file the plan reads), of the seed and exclude sets as well as the pools: their items are
@@ -24,7 +26,8 @@ from curation import schema
 from curation.catalog import ResolvedSet
 from curation.config import IngestConfig
 from curation.ingest.inputs import fingerprint_inputs, inputs_changed
-from curation.ingest.plan import SourceSpec, WorkUnit, plan_units
+from curation.ingest.plan import SourceSpec, WorkUnit, iter_units
+from curation.plan_files import INDEX, Plan, write_plan
 from curation.store import RunStore, read_json, write_json_atomic
 
 log = logging.getLogger("curation")
@@ -41,7 +44,7 @@ def source_specs(pools: list[str], seeds: list[ResolvedSet], excludes: list[Reso
     return specs
 
 
-def load_or_make_plan(store: RunStore, specs: list[SourceSpec], cfg: IngestConfig, replan: bool = False) -> list[WorkUnit]:
+def load_or_make_plan(store: RunStore, specs: list[SourceSpec], cfg: IngestConfig, replan: bool = False) -> Plan:
     """The stored plan if its inputs are unchanged, else (with ``replan``) a new one made after
     discarding the old plan's outputs; raises ``InputsChanged`` when they changed without it.
     A replan that was interrupted (its marker is still there) is finished whatever ``replan`` says:
@@ -49,15 +52,13 @@ def load_or_make_plan(store: RunStore, specs: list[SourceSpec], cfg: IngestConfi
     if store.replan_json.exists():
         log.warning("finishing the re-plan of %s that was interrupted", store.run_dir)
         discard_plan_outputs(store)
-    elif store.plan_json.exists():
-        plan = read_json(store.plan_json)
-        units = [WorkUnit.from_dict(u) for u in plan["units"]]
-        if "inputs" not in plan:
-            log.warning("%s was made without an input fingerprint: changed inputs go unnoticed", store.plan_json)
-            return units
-        change = inputs_changed(plan["inputs"], specs)
+    elif (plan := stored_plan(store)) is not None:
+        if plan.inputs is None:
+            log.warning("%s was made without an input fingerprint: changed inputs go unnoticed", store.plan_dir)
+            return plan
+        change = inputs_changed(plan.inputs, specs)
         if change is None:
-            return units
+            return plan
         if not replan:
             raise InputsChanged(
                 f"{store.run_dir}: {change}. Resuming would leave the changes out of the dataset and the "
@@ -67,13 +68,26 @@ def load_or_make_plan(store: RunStore, specs: list[SourceSpec], cfg: IngestConfi
         log.warning("re-planning %s: %s", store.run_dir, change)
         write_json_atomic({"reason": change}, store.replan_json)
         discard_plan_outputs(store)
+    elif store.plan_dir.exists():
+        log.warning("the plan in %s was not finished (no %s); planning again", store.plan_dir, INDEX)
     # Fingerprint first: a file that appears while the plan is made shows up as a change on the
     # next start (a refusal), never as an input silently left out of the plan.
     inputs = fingerprint_inputs(specs)
-    units = plan_units(specs, cfg)
-    write_json_atomic({"units": [u.to_dict() for u in units], "inputs": inputs.to_dict()}, store.plan_json)
+    plan = write_plan(store.plan_dir, iter_units(specs, cfg), inputs.to_dict())
     store.replan_json.unlink(missing_ok=True)
-    return units
+    return plan
+
+
+def stored_plan(store: RunStore) -> Plan | None:
+    """The run directory's finished plan; a ``plan.json`` of an older run is converted first
+    (read once, written as plan files, then removed), so a resume never reads it again."""
+    plan = Plan.open(store.plan_dir)
+    if plan is None and store.legacy_plan_json.exists():
+        old = read_json(store.legacy_plan_json)
+        plan = write_plan(store.plan_dir, (WorkUnit.from_dict(u) for u in old["units"]), old.get("inputs"))
+        store.legacy_plan_json.unlink()
+        log.info("converted %s into plan files under %s", store.legacy_plan_json, store.plan_dir)
+    return plan
 
 
 def discard_plan_outputs(store: RunStore) -> None:

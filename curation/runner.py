@@ -36,6 +36,7 @@ from curation.store import GLOBAL, INGEST, MAP, RunStore, StageRecord, read_json
 # without paying for them.
 
 if TYPE_CHECKING:
+    from curation.plan_files import Plan
     from curation.progress import RunProgress
 
 log = logging.getLogger("curation")
@@ -165,7 +166,7 @@ class Runner:
         t_start = time.perf_counter()
         self.found_status = read_json(self.store.status_json) if self.store.status_json.exists() else None
         try:
-            units = self._checks()
+            plan = self._checks()
         except (RunError, ConfigError, StageError, IngestError) as e:
             self._status("refused", error=e)
             raise
@@ -173,12 +174,12 @@ class Runner:
             self._status("failed", error=e)
             raise
         try:
-            return self._execute(units, t_start)
+            return self._execute(plan, t_start)
         except BaseException as e:
             self._status("failed", self.history, error=e)
             raise
 
-    def _checks(self) -> list:
+    def _checks(self) -> Plan:
         """Everything that may refuse the run, before Ray starts: pools, stage preflight (missing
         weights stop the run here), the configuration against the directory's, the plan and its inputs."""
         from curation.planning import InputsChanged, load_or_make_plan, source_specs
@@ -202,7 +203,7 @@ class Runner:
         except InputsChanged as e:
             raise RunRefused(str(e)) from None
 
-    def _execute(self, units: list, t_start: float) -> dict:
+    def _execute(self, plan: Plan, t_start: float) -> dict:
         from curation.executor import RayExecutor, init_ray
         from curation.ingest.rows import ingest_columns
         from curation.shard_ops import StageSpec
@@ -213,7 +214,7 @@ class Runner:
         history = self.history
         ingest_rec = StageRecord(0, "ingest", "ingest", INGEST, ingest_columns(self.cfg.ingest))
         self._begin(ingest_rec.name, history)
-        self.stage_stats.append(executor.ingest(ingest_rec, units, self.cfg.ingest.model_dump(mode="json")))
+        self.stage_stats.append(executor.ingest(ingest_rec, plan, self.cfg.ingest.model_dump(mode="json")))
         history.append(ingest_rec)
         for i, stage in enumerate(stages, start=1):
             shape = GLOBAL if isinstance(stage, GlobalStage) else MAP
@@ -237,8 +238,7 @@ class Runner:
         self.stage_stats.append(executor.emit(emit_rec, history, self._emit_options(stages)))
         history.append(emit_rec)
         self._begin("manifest", history)
-        planned = {u.shard: len(u.items) for u in units}
-        manifest = self._manifest(stages, history, planned, time.perf_counter() - t_start)
+        manifest = self._manifest(stages, history, plan.sizes(), time.perf_counter() - t_start)
         self.current = None
         self._status("finished", history)
         return manifest

@@ -73,15 +73,16 @@ def role_filter(table: pa.Table, roles) -> pa.Array:
 # ---------------------------------------------------------------------------------------------
 # ingest
 # ---------------------------------------------------------------------------------------------
-def ingest_shard(run_dir: str, record: dict, unit: dict, ingest_cfg: dict) -> dict:
+def ingest_shard(run_dir: str, record: dict, plan_file: str, shard: int, ingest_cfg: dict) -> dict:
+    """Read unit ``shard`` (from its plan file) into the ingest part and ledger of that shard."""
     from curation.config import IngestConfig
-    from curation.ingest.plan import WorkUnit
     from curation.ingest.read import read_unit
     from curation.ingest.rows import ingest_schema
+    from curation.plan_files import read_plan_unit
 
     t0 = time.perf_counter()
     store, rec = RunStore(run_dir), StageRecord(**record)
-    wu = WorkUnit.from_dict(unit)
+    wu = read_plan_unit(plan_file, shard)
     cfg = IngestConfig.model_validate(ingest_cfg)
     table = read_unit(wu, cfg)
     reasons = table.column(schema.DROP_REASON)

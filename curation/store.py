@@ -81,7 +81,7 @@ class UnsafeRunPath(ValueError):
 class RunStore:
     """Every path of a run directory. Paths that carry a stage name are checked to stay inside
     it: the name must be one plain component (``STAGE_NAME``), so ``..`` and ``/`` never reach
-    the file system, whatever called the store (a stale ``plan.json``, a hand-written record)."""
+    the file system, whatever called the store (a stale plan, a hand-written record)."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir).resolve()
@@ -97,7 +97,13 @@ class RunStore:
         return self.run_dir / "run.json"
 
     @property
-    def plan_json(self) -> Path:
+    def plan_dir(self) -> Path:
+        """The ingest plan: unit files and their index (``curation.plan_files``)."""
+        return self.run_dir / "plan"
+
+    @property
+    def legacy_plan_json(self) -> Path:
+        """Where runs made before plan files kept every unit in one JSON (converted on resume)."""
         return self.run_dir / "plan.json"
 
     @property
@@ -117,7 +123,8 @@ class RunStore:
         """Everything made under the current plan: what a re-plan discards. The plan goes last,
         so a replan killed half-way still has the old plan (and its marker) to finish from."""
         return [self.run_dir / "stages", self.ledger_root, self.dataset_dir, self.run_dir / "webdataset",
-                self.run_dir / "README.md", self.manifest_json, self.run_dir / "report.html", self.plan_json]
+                self.run_dir / "README.md", self.manifest_json, self.run_dir / "report.html",
+                self.legacy_plan_json, self.plan_dir]
 
     @property
     def dataset_dir(self) -> Path:

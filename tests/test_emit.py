@@ -126,13 +126,13 @@ def test_captions_and_extra_columns_from_parquet_and_csv_inputs(tmp_path):
     cfg = IngestConfig(extra_columns={"score": "float64", "tag": "string"})
     pq.write_table(pa.table({"url": ["http://a/1.jpg", "http://a/2.jpg"], "TEXT": ["one", "two"], "score": [0.5, 2.0],
                              "tag": [1, 2], "other": [0, 0]}), tmp_path / "urls.parquet")
-    items = pq_input.read_urls(str(tmp_path / "urls.parquet"), "url", cfg)
+    items = list(pq_input.iter_urls(str(tmp_path / "urls.parquet"), "url", cfg))
     assert items[1] == {"url": "http://a/2.jpg", "caption": "two", "extra": {"score": 2.0, "tag": 2}}
     (tmp_path / "urls.csv").write_text("url,caption,score\nhttp://a/1.jpg,a red car,0.25\n")
-    assert urls.read_csv(str(tmp_path / "urls.csv"), None, cfg) == [
+    assert list(urls.iter_csv(str(tmp_path / "urls.csv"), None, cfg)) == [
         {"url": "http://a/1.jpg", "caption": "a red car", "extra": {"score": "0.25"}}
     ]
-    assert urls.read_csv(str(tmp_path / "urls.csv"), None) == ["http://a/1.jpg"]  # nothing asked: plain URLs
+    assert list(urls.iter_csv(str(tmp_path / "urls.csv"), None)) == ["http://a/1.jpg"]  # nothing asked: plain URLs
     rows = RowBuilder(0, "pool", "pool", None, cfg.extra_types())
     rows.add(0, "k", None, reason="bad_url", caption="a red car", extra={"score": "0.25", "tag": 7})
     row = rows.table().to_pylist()[0]

@@ -127,14 +127,14 @@ def test_a_replan_that_was_interrupted_is_finished_by_the_next_run(tmp_path):
     cfg = load_config("smoke", overrides=SMALL).ingest
     load_or_make_plan(store, specs, cfg)
     (pool / "img_new.jpg").write_bytes(make_jpeg(7))
-    # Killed after it marked the replan and removed part of the old outputs (plan.json still old).
+    # Killed after it marked the replan and removed part of the old outputs (the plan still old).
     write_json_atomic({"reason": "inputs changed"}, store.replan_json)
     (store.run_dir / "stages" / "00_ingest").mkdir(parents=True)
     (store.run_dir / "stages" / "00_ingest" / "_SUCCESS").write_text("{}")
-    units = load_or_make_plan(store, specs, cfg)  # without --replan: the marker says finish it
+    plan = load_or_make_plan(store, specs, cfg)  # without --replan: the marker says finish it
     assert not (store.run_dir / "stages").exists() and not store.replan_json.exists()
-    assert sum(len(u.items) for u in units) == 7
-    assert load_or_make_plan(store, specs, cfg) == units
+    assert sum(len(u.items) for u in plan.units()) == plan.num_items == 7
+    assert list(load_or_make_plan(store, specs, cfg).units()) == list(plan.units())
 
 
 def test_the_manifest_accounts_for_every_planned_item(finished_copy):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Iterator
 
 from curation.ingest import errors as R
 from curation.ingest.rows import RowBuilder
@@ -24,29 +25,45 @@ def _inside(path: str, root_real: str) -> bool:
     return path == root_real or path.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def list_files(root: Path) -> list[str]:
-    """Relative POSIX paths of every candidate item under ``root``, sorted."""
+def walk_files(root: Path) -> Iterator[str]:
+    """Relative POSIX paths of every candidate item under ``root``, in sorted order, one folder
+    listed at a time. Entries of a folder are sorted with folders keyed ``name/``: a depth-first
+    walk in that order gives exactly the sorted order of the full relative paths (``/`` sorts
+    after every other character a name can hold before it), without holding the whole tree."""
     root_real = os.path.realpath(root)
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        rel_dir = os.path.relpath(dirpath, root)
-        keep = []
-        for d in sorted(dirnames):
-            if _hidden(d):
-                continue
-            full = os.path.join(dirpath, d)
-            if os.path.islink(full):
-                if not _inside(os.path.realpath(full), root_real):
-                    found.append(_rel(rel_dir, d))  # reported as unsafe_path at read time
-                continue
-            keep.append(d)
-        dirnames[:] = keep
-        found.extend(_rel(rel_dir, f) for f in filenames if not _hidden(f))
-    return sorted(found)
+    stack = [iter(_entries(str(root), "", root_real))]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif entry[1] is None:
+            yield entry[0]
+        else:
+            stack.append(iter(_entries(entry[1], entry[0] + "/", root_real)))
 
 
-def _rel(rel_dir: str, name: str) -> str:
-    return name if rel_dir == "." else Path(rel_dir, name).as_posix()
+def _entries(path: str, prefix: str, root_real: str) -> list[tuple[str, str | None]]:
+    """(relative path, folder path to descend or None for an item) of one folder, sorted."""
+    out: list[tuple[str, str, str | None]] = []
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                if _hidden(e.name):
+                    continue
+                try:
+                    is_dir = e.is_dir()
+                except OSError:
+                    is_dir = False
+                if not is_dir:
+                    out.append((e.name, prefix + e.name, None))
+                elif not e.is_symlink():
+                    out.append((e.name + "/", prefix + e.name, e.path))
+                elif not _inside(os.path.realpath(e.path), root_real):
+                    out.append((e.name, prefix + e.name, None))  # reported as unsafe_path at read time
+    except OSError:  # an unreadable folder holds nothing we can list (as os.walk has it)
+        return []
+    out.sort()
+    return [(rel, descend) for _, rel, descend in out]
 
 
 def label_of(rel: str) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -96,18 +97,22 @@ def inspect(path: str, cfg: IngestConfig) -> ParquetLayout:
     )
 
 
-def read_urls(path: str, column: str, cfg: IngestConfig | None = None) -> list:
-    """The URLs of a Parquet URL list; with a caption or pass-through column, each item is a
-    ``{"url", "caption", "extra"}`` dict (``urls.url_item`` reads both)."""
-    names = pq.read_schema(path).names
-    caption, extra = metadata_columns(names, cfg) if cfg is not None else (None, [])
-    table = pq.read_table(path, columns=list(dict.fromkeys([column, *([caption] if caption else []), *extra])))
-    values = ["" if v is None else v for v in table.column(column).to_pylist()]
-    if caption is None and not extra:
-        return values
-    captions = table.column(caption).to_pylist() if caption else [None] * len(values)
-    extras = {c: table.column(c).to_pylist() for c in extra}
-    return [url_record(u, captions[i], {c: v[i] for c, v in extras.items()}) for i, u in enumerate(values)]
+def iter_urls(path: str, column: str, cfg: IngestConfig | None = None, batch_rows: int = 65536) -> Iterator:
+    """The URLs of a Parquet URL list, read ``batch_rows`` at a time; with a caption or
+    pass-through column, each item is a ``{"url", "caption", "extra"}`` dict (``urls.url_item``
+    reads both)."""
+    pf = pq.ParquetFile(path)
+    caption, extra = metadata_columns(pf.schema_arrow.names, cfg) if cfg is not None else (None, [])
+    columns = list(dict.fromkeys([column, *([caption] if caption else []), *extra]))
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        values = ["" if v is None else v for v in batch.column(column).to_pylist()]
+        if caption is None and not extra:
+            yield from values
+            continue
+        captions = batch.column(caption).to_pylist() if caption else [None] * len(values)
+        extras = {c: batch.column(c).to_pylist() for c in extra}
+        for i, u in enumerate(values):
+            yield url_record(u, captions[i], {c: v[i] for c, v in extras.items()})
 
 
 def url_record(url: str, caption, extra: dict) -> dict:

@@ -26,7 +26,7 @@ import glob
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from curation import schema
 from curation.config import IngestConfig
@@ -70,28 +70,42 @@ class WorkUnit:
 
 
 def plan_units(specs: list[SourceSpec], cfg: IngestConfig) -> list[WorkUnit]:
-    """Cut every spec into work units; raises ``IngestError`` for paths that cannot be planned."""
+    """Every unit of ``specs`` in a list: for tests and small inputs (a run streams ``iter_units``
+    into plan files, ``curation.plan_files``)."""
+    return list(iter_units(specs, cfg))
+
+
+def iter_units(specs: list[SourceSpec], cfg: IngestConfig) -> Iterator[WorkUnit]:
+    """Cut every spec into work units as the inputs are read, numbering shards densely; raises
+    ``IngestError`` for paths that cannot be planned (possibly after earlier units were yielded)."""
     rules_for(cfg.url_rules)  # a bad blocklist or regex stops the run here, on the driver
-    units: list[WorkUnit] = []
+    shard = 0
     for spec in specs:
         if spec.role not in schema.ROLES:
             raise IngestError(f"{spec.source}: role {spec.role!r} is not one of {', '.join(schema.ROLES)}")
-        before = len(units)
+        before = shard
         for kind, location, items in _spec_chunks(spec, cfg):
-            units.append(WorkUnit(len(units), spec, kind, location, tuple(items)))
-        if len(units) == before:
+            yield WorkUnit(shard, spec, kind, location, tuple(items))
+            shard += 1
+        if shard == before:
             raise IngestError(f"{spec.source}: {spec.path} holds no input items")
-    return units
 
 
 def _spec_chunks(spec: SourceSpec, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
     for path in resolve_paths(spec):
-        for kind, location, items in _path_items(path, cfg):
-            if kind == "error":
-                yield kind, location, items
-                continue
-            for start in range(0, len(items), cfg.shard_size):
-                yield kind, location, items[start : start + cfg.shard_size]
+        yield from _path_items(path, cfg)
+
+
+def _cut(kind: str, location: str, items: Iterable, size: int) -> Iterator[tuple[str, str, list]]:
+    """Units of at most ``size`` items from a stream of one location's items."""
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield kind, location, chunk
+            chunk = []
+    if chunk:
+        yield kind, location, chunk
 
 
 def resolve_paths(spec: SourceSpec) -> list[str]:
@@ -108,12 +122,13 @@ def resolve_paths(spec: SourceSpec) -> list[str]:
 
 
 def _path_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+    """Units of one resolved path, each of at most ``cfg.shard_size`` items."""
     if os.path.isdir(path):
         yield from _folder_items(path, cfg)
         return
     suffix = Path(path).suffix.lower()
     if suffix == ".tar":
-        yield from _tar_items(path)
+        yield from _tar_items(path, cfg)
     elif suffix == ".parquet":
         yield from _parquet_items(path, cfg)
     elif suffix in URL_LIST_SUFFIXES:
@@ -125,58 +140,66 @@ def _path_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]
         )
 
 
-def folder_inputs(root: str) -> tuple[str, list[str]]:
-    """What a folder holds for the plan: (``tar`` | ``parquet`` | ``files``, relative paths)."""
-    listed = files.list_files(Path(root))
-    for kind, suffix in (("tar", ".tar"), ("parquet", ".parquet")):
-        chosen = [rel for rel in listed if rel.lower().endswith(suffix)]
-        if chosen:
-            return kind, chosen
-    return "files", listed
+def folder_inputs(root: str) -> tuple[str, Iterator[str]]:
+    """What a folder holds for the plan: (``tar`` | ``parquet`` | ``files``, its relative paths
+    in sorted order, listed as they are consumed). Deciding the kind walks the tree once (up to
+    the first ``.tar``), holding no listing."""
+    seen_parquet = False
+    for rel in files.walk_files(Path(root)):
+        low = rel.lower()
+        if low.endswith(".tar"):
+            return "tar", (r for r in files.walk_files(Path(root)) if r.lower().endswith(".tar"))
+        seen_parquet = seen_parquet or low.endswith(".parquet")
+    if seen_parquet:
+        return "parquet", (r for r in files.walk_files(Path(root)) if r.lower().endswith(".parquet"))
+    return "files", files.walk_files(Path(root))
 
 
 def _folder_items(root: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
     kind, rels = folder_inputs(root)
     if kind == "files":
-        if rels:
-            yield "files", root, rels
+        yield from _cut("files", root, rels, cfg.shard_size)
         return
     for rel in rels:
         path = files.source_key(root, rel)
-        yield from (_tar_items(path) if kind == "tar" else _parquet_items(path, cfg))
+        yield from (_tar_items(path, cfg) if kind == "tar" else _parquet_items(path, cfg))
 
 
 def _error(location: str, message: str) -> tuple[str, str, list]:
     return "error", location, [{"error": message}]
 
 
-def _tar_items(path: str) -> Iterator[tuple[str, str, list]]:
+def _tar_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+    # One tar's samples are held while it is scanned: a sample's members need not be adjacent.
     samples, error = tars.scan_tar(path)
-    if samples:
-        yield "tar", path, samples
+    yield from _cut("tar", path, samples, cfg.shard_size)
     if error is not None:
         yield _error(path, error)
 
 
 def _parquet_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+    """Row numbers of an image Parquet; the URLs of a URL Parquet, read a batch at a time. A file
+    that fails part-way keeps the units before the damage and ends in one error unit."""
     try:
         layout = parquet.inspect(path, cfg)
         if layout.kind == "urls":
-            yield "urls", path, parquet.read_urls(path, layout.column, cfg)
+            yield from _cut("urls", path, parquet.iter_urls(path, layout.column, cfg), cfg.shard_size)
             return
     except Exception as e:  # unreadable file or row data: one malformed_shard row
         yield _error(path, str(e))
         return
-    yield "parquet", path, list(range(layout.num_rows))
+    for start in range(0, layout.num_rows, cfg.shard_size):
+        yield "parquet", path, list(range(start, min(start + cfg.shard_size, layout.num_rows)))
 
 
 def _url_list_items(path: str, cfg: IngestConfig) -> Iterator[tuple[str, str, list]]:
+    """A URL list read line by line; a read error part-way keeps the units before it and ends in
+    one error unit (like a damaged tar)."""
     try:
         if path.lower().endswith(".csv"):
-            items = urls.read_csv(path, cfg.url_column, cfg)
+            items = urls.iter_csv(path, cfg.url_column, cfg)
         else:
-            items = urls.read_txt(path)
+            items = urls.iter_txt(path)
+        yield from _cut("urls", path, items, cfg.shard_size)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         yield _error(path, f"cannot read URL list: {e}")
-        return
-    yield "urls", path, items

@@ -10,7 +10,7 @@ are checked like any other image bytes.
 from __future__ import annotations
 
 import csv
-import io
+from typing import Iterator
 
 from curation.config import IngestConfig
 from curation.ingest import errors as R
@@ -20,33 +20,38 @@ from curation.ingest.rows import RowBuilder
 from curation.ingest.url_rules import UrlRules
 
 
-def read_txt(path: str) -> list[str]:
-    """One URL a line; blank lines and ``#`` comment lines are skipped."""
+def iter_txt(path: str) -> Iterator[str]:
+    """One URL a line, read a line at a time; blank lines and ``#`` comment lines are skipped."""
     with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        for line in f:
+            url = line.strip()
+            if url and not url.startswith("#"):
+                yield url
 
 
-def read_csv(path: str, preferred: str | None, cfg: IngestConfig | None = None) -> list:
-    """The URL column of a CSV with a header; ``ValueError`` when there is none. With a caption
-    or pass-through column, each item is a ``{"url", "caption", "extra"}`` dict."""
+def iter_csv(path: str, preferred: str | None, cfg: IngestConfig | None = None) -> Iterator:
+    """The URL column of a CSV with a header, read a row at a time; ``ValueError`` when there is
+    none (raised before the first item) or a row is malformed. With a caption or pass-through
+    column, each item is a ``{"url", "caption", "extra"}`` dict."""
     with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
-    reader = csv.DictReader(io.StringIO(text))
-    try:
-        header = reader.fieldnames or []
-    except csv.Error as e:
-        raise ValueError(f"malformed CSV header: {e}") from None
-    column = next((c for c in ([preferred] if preferred else []) + list(URL_COLUMNS) if c in header), None)
-    if column is None:
-        raise ValueError(f"CSV has no URL column (header: {', '.join(header) or '(empty)'}); set ingest.url_column")
-    caption, extra = metadata_columns(header, cfg) if cfg is not None else (None, [])
-    try:
-        rows = list(reader)
-    except csv.Error as e:
-        raise ValueError(f"malformed CSV: {e}") from None
-    if caption is None and not extra:
-        return [(row.get(column) or "").strip() for row in rows]
-    return [url_record((row.get(column) or "").strip(), row.get(caption) if caption else None, {c: row.get(c) for c in extra}) for row in rows]
+        reader = csv.DictReader(f)
+        try:
+            header = reader.fieldnames or []
+        except csv.Error as e:
+            raise ValueError(f"malformed CSV header: {e}") from None
+        column = next((c for c in ([preferred] if preferred else []) + list(URL_COLUMNS) if c in header), None)
+        if column is None:
+            raise ValueError(f"CSV has no URL column (header: {', '.join(header) or '(empty)'}); set ingest.url_column")
+        caption, extra = metadata_columns(header, cfg) if cfg is not None else (None, [])
+        try:
+            for row in reader:
+                url = (row.get(column) or "").strip()
+                if caption is None and not extra:
+                    yield url
+                else:
+                    yield url_record(url, row.get(caption) if caption else None, {c: row.get(c) for c in extra})
+        except csv.Error as e:
+            raise ValueError(f"malformed CSV: {e}") from None
 
 
 def url_item(item) -> tuple[str, dict]:
