@@ -167,20 +167,37 @@ def cmd_status(args) -> int:
 
 
 def cmd_stages(args) -> int:
-    """Every stage kind with its options, read from the stage's pydantic Config."""
+    """Every stage kind with its options, read from the stage's pydantic Config; then the seed recipes."""
+    from curation.config import AsIs, Cluster, Sample
     from curation.stage import available_kinds, stage_class
 
     for kind in available_kinds():
         cls = stage_class(kind)
         doc = (cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip().split("\n")[0]
         print(f"{kind}: {doc}")
-        for name, field in cls.Config.model_fields.items():
-            if name in ("kind", "name", "enabled"):
-                continue
-            default = field.default if field.default_factory is None else field.default_factory()
-            desc = f"  -- {field.description}" if field.description else ""
-            print(f"    {name} = {default!r}{desc}")
+        _print_fields(cls.Config, skip=("kind", "name", "enabled"))
+    print("seed recipes (seeds_catalog.<name>.recipes: a list, one entry per method, DINOv2 Table 15):")
+    for recipe in (AsIs, Sample, Cluster):
+        print(f"  method: {recipe.model_fields['method'].default}")
+        _print_fields(recipe, skip=("method",), indent="      ")
     return EXIT_OK
+
+
+def _print_fields(model, skip=(), indent="    ", prefix="") -> None:
+    """One line per option; nested option groups are spelled out as dotted names."""
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        default = field.default if field.default_factory is None else field.default_factory()
+        if isinstance(default, BaseModel):
+            if field.description:
+                print(f"{indent}{prefix}{name}:  -- {field.description}")
+            _print_fields(type(default), indent=indent, prefix=f"{prefix}{name}.")
+            continue
+        desc = f"  -- {field.description}" if field.description else ""
+        print(f"{indent}{prefix}{name} = {default!r}{desc}")
 
 
 def cmd_demo(args) -> int:

@@ -121,7 +121,14 @@ class Cluster(Strict):
     method: Literal["cluster"] = "cluster"
     min_seeds: int = Field(3, ge=0, description="clusters holding more than this many seed images are taken")
     per_cluster: int = Field(10_000, ge=1)
-    cap: int = Field(1_000_000, ge=1, description="most images retrieved for this seed dataset")
+    cap: int = Field(1_000_000, ge=1, description="most images retrieved for this seed dataset (the target size of balanced sampling)")
+    sampling: Literal["closest", "balanced"] = Field(
+        "closest",
+        description="closest: each selected cluster's per_cluster images nearest its centroid, round-robin under cap (DINOv2); "
+        "balanced: hierarchical balanced sampling (Vo et al. 2024) of the selected clusters down to cap images, "
+        "split evenly at every level of stages.retrieve.clustering.hierarchy",
+    )
+    pick: Literal["random", "closest"] = Field("random", description="balanced sampling: which images of a level-1 cluster fill its quota")
 
 
 Recipe = Annotated[Union[AsIs, Sample, Cluster], Field(discriminator="method")]

@@ -29,9 +29,18 @@ def print_summary(manifest: dict, console: Console | None = None) -> None:
         f"input {c['input']:,} = kept {c['kept']:,} + dropped {sum(c['dropped'].values()):,} "
         f"in {len(manifest['shards'])} shard(s); manifest: {manifest['run_dir']}/manifest.json"
     )
+    levels = next((s.get("summary", {}).get("pool_clustering", {}).get("levels") for s in manifest["stages"] if s.get("kind") == "retrieve"), None)
     for name, s in manifest.get("seeds", {}).items():
         r = s.get("retrieval", {})
         extra = ", ".join(f"{k} {v}" for k, v in r.items() if not isinstance(v, (dict, list)))
         console.print(f"seed dataset {name}: as-is kept {s['as_is_kept']:,}" + (f"; {extra}" if extra else ""))
+        for recipe in r.get("recipes", []):
+            if recipe.get("sampling") == "balanced":
+                spread = recipe.get("images_per_top_cluster")
+                console.print(
+                    f"  cluster recipe, balanced over levels {levels}: {recipe['retrieved']:,} images (cap {recipe['cap']:,}) from "
+                    f"{recipe['clusters_selected']:,} seeded clusters under {recipe.get('top_clusters_used', 0):,} top clusters"
+                    + (f", per top cluster min/median/max {spread[0]:,}/{spread[1]:,.0f}/{spread[2]:,}" if spread else "")
+                )
     for w in manifest.get("warnings", []):
         console.print(f"[bold red]WARNING:[/bold red] {w}")

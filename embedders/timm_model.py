@@ -125,6 +125,9 @@ def weights_cached(name: str) -> bool:
     return False
 
 
+RANDOM_INIT_SEED = 0
+
+
 def create_headless(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
     """timm.create_model without classifier. ``img_size`` is a build argument of ViTs only;
     convolutional models take any resolution, so for them it only sets the preprocessing."""
@@ -134,12 +137,16 @@ def create_headless(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torc
     local = cached_weights_file(name) if pretrained else None
     if local is not None:  # timm loads (and converts, with the model's filter) this file instead of downloading
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(local)}
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        if "img_size" not in kwargs or "img_size" not in str(e):
-            raise
-        return timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kwargs.items() if k != "img_size"})
+    # A random initialisation (tests, throughput runs) is seeded, so every embed worker of a run,
+    # and a resumed run, build the same model: otherwise each worker embeds with its own weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as e:
+            if "img_size" not in kwargs or "img_size" not in str(e):
+                raise
+            return timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kwargs.items() if k != "img_size"})
 
 
 def build_timm_model(

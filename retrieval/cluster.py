@@ -15,6 +15,7 @@ ratios for small pools (see its docstring); the runner logs the values it used.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,3 +109,63 @@ def cluster_retrieval(
         order = np.lexsort((c, -seeds_per_cluster[c], rank[candidate]))
         candidate = np.sort(candidate[order[:cap]])
     return ClusterRetrieval(candidate.astype(np.int64), pool_labels[candidate], selected.astype(np.int64), seeds_per_cluster, capped)
+
+
+# -- hierarchical balanced sampling (Vo et al. 2024) over the clusters a seed dataset selects --
+def hierarchy_levels(n_clusters: int, clusters_configured: int, levels: list[int]) -> list[int]:
+    """Cluster counts of the upper levels for a pool clustered into ``n_clusters``.
+
+    At the configured C the levels are as configured; a small pool's C scales them by the same
+    factor (at least 2 clusters while the level below has more). A level that would not merge
+    anything (as many clusters as the level below) is left out.
+    """
+    scale = min(1.0, n_clusters / max(1, clusters_configured))
+    out, below = [], n_clusters
+    for k in levels:
+        k = min(below, max(min(2, below), round(k * scale)))
+        if k < below:
+            out.append(k)
+            below = k
+    return out
+
+
+def fit_hierarchy(centroids: np.ndarray, levels: list[int], *, resampling_steps: int, resample_size: int | None, niter: int, seed: int, gpu) -> list[np.ndarray]:
+    """Parent arrays of the upper levels (``parents[j][c]``: level-(j+2) cluster of level-(j+1)
+    cluster c), fitted on the level-1 centroids alone."""
+    from retrieval.hierarchical_kmeans import upper_levels
+
+    sizes, below = [], len(centroids)
+    for k in levels:
+        sizes.append(resample_size or max(1, round(0.5 * below / k)))  # half the mean cluster size (ssl-data-curation)
+        below = k
+    fitted = upper_levels(centroids, levels, resampling_steps=resampling_steps, sample_size=sizes, niter=niter, seed=seed, spherical=True, gpu=gpu)
+    return [parent for _, parent in fitted]
+
+
+def balanced_rng(seed: int, dataset: str) -> np.random.Generator:
+    """The generator that breaks uneven splits for one seed dataset (same in every form)."""
+    return np.random.default_rng([int(seed), zlib.crc32(dataset.encode())])
+
+
+def balanced_limits(sizes: np.ndarray, seeds_per_cluster: np.ndarray, parents: list[np.ndarray], *, min_seeds: int, per_cluster: int, cap: int, rng: np.random.Generator):
+    """(selected clusters, images each gives, capped): the clusters holding more than
+    ``min_seeds`` seeds, each able to give min(size, per_cluster), sampled down to ``cap``
+    balanced top-down over the hierarchy (``parents``; empty = evenly over the clusters)."""
+    from retrieval.hierarchical_kmeans import balanced_quotas
+
+    selected = np.flatnonzero(seeds_per_cluster > min_seeds)
+    capacity = np.zeros(len(sizes), np.int64)
+    capacity[selected] = np.minimum(sizes[selected], per_cluster)
+    quota = balanced_quotas(capacity, parents, cap, rng)
+    return selected.astype(np.int64), quota[selected], bool(capacity.sum() > cap)
+
+
+def top_level_spread(limits_full: np.ndarray, parents: list[np.ndarray]) -> dict:
+    """How the sampled images spread over the top level: the balance a user checks."""
+    q = np.asarray(limits_full, np.int64)
+    for parent in parents:
+        q = np.bincount(parent, weights=q, minlength=int(parent.max(initial=-1)) + 1).astype(np.int64)
+    used = q[q > 0]
+    if not len(used):
+        return {"top_clusters_used": 0}
+    return {"top_clusters_used": int(len(used)), "images_per_top_cluster": [int(used.min()), float(np.median(used)), int(used.max())]}

@@ -113,3 +113,12 @@ def test_set_overrides_reach_the_run(tmp_path, jpeg_factory, ray_local, capsys):
     assert main(["run", "--pool", str(pool), "--config", "smoke", "--out", str(out), "--set", "ingest.shard_size=3"]) == EXIT_REFUSED
     assert "different configuration" in capsys.readouterr().err
     json.loads((out / "run.json").read_text())
+
+
+def test_stages_is_the_yaml_reference_down_to_nested_options_and_recipes(capsys):
+    assert main(["stages"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "retrieve: Retrieval" in text
+    assert "    clustering.hierarchy.levels = []  -- clusters of each level above the pool clustering" in text
+    assert "    index.nprobe = 32" in text
+    assert "  method: cluster" in text and "      sampling = 'closest'  -- closest:" in text and "      pick = 'random'" in text

@@ -27,10 +27,10 @@ def test_lvd_carries_the_paper_recipes():
     assert {"method": "sample", "k": 4, "min_similarity": None} in recipes["imagenet22k"]
     assert {"method": "as_is"} in recipes["imagenet22k"]
     assert recipes["imagenet1k"] == [{"method": "sample", "k": 32, "min_similarity": None}]
-    assert recipes["caltech101"][0] == {"method": "cluster", "min_seeds": 3, "per_cluster": 10000, "cap": 1000000}
+    assert recipes["caltech101"][0] == {"method": "cluster", "min_seeds": 3, "per_cluster": 10000, "cap": 1000000, "sampling": "closest", "pick": "random"}
     # Table 15's cluster-retrieved seed sets, every one with the paper's recipe (AmsterTime's
     # 960k / 830k are what that recipe retrieved, not caps)
-    cluster = {"method": "cluster", "min_seeds": 3, "per_cluster": 10000, "cap": 1000000}
+    cluster = {"method": "cluster", "min_seeds": 3, "per_cluster": 10000, "cap": 1000000, "sampling": "closest", "pick": "random"}
     table15 = ["caltech101", "cub", "dtd", "fgvc_aircraft", "flowers102", "food101", "pets", "cars", "sun397", "voc2007", "ade20k",
                "cityscapes", "voc2012", "kitti", "nyu_depth_v2", "sun_rgbd", "met", "roxford5k", "rparis6k", "amstertime_new", "amstertime_old"]
     assert sorted(n for n, r in recipes.items() if r == [cluster]) == sorted(table15)
@@ -173,3 +173,12 @@ def test_bad_set_items_say_what_is_wrong(item, message):
 def test_set_on_a_name_shared_by_two_stages_asks_for_an_index():
     with pytest.raises(ConfigError, match="matches several entries"):
         load_config("smoke", sets=["stages.decode.min_side=1", "stages.1.kind=decode", "stages.decode.min_side=2"])
+
+
+def test_a_hierarchy_must_merge_clusters_level_by_level(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[0\] \(retrieve\).*levels must have fewer clusters than clusters=100"):
+        load_config(write(tmp_path, "stages: [{kind: retrieve, clustering: {clusters: 100, hierarchy: {levels: [200]}}}]"))
+    with pytest.raises(ConfigError, match="do not increase from fine to coarse"):
+        load_config(write(tmp_path, "stages: [{kind: retrieve, clustering: {clusters: 100, hierarchy: {levels: [10, 20]}}}]"))
+    with pytest.raises(ConfigError, match="sampling"):
+        load_config(write(tmp_path, "seeds_catalog: {s: {path: /s, recipes: [{method: cluster, sampling: even}]}}"))

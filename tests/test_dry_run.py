@@ -35,7 +35,7 @@ def test_dry_run_plans_checks_and_lists_stages_without_writing(pool, tmp_path, c
     assert "NEW, a new run" in text and "plan: 12 input items in 3 shard(s) of at most 5" in text
     assert "nsfw" in text and "MISSING" in text  # the weights check, NOT applied under --allow-missing-weights
     assert "local_copy_dedup     global, single task (at most 12 input rows <= execution.single_task_max_rows 500,000)" in text
-    assert "retrieve             global, single task (it has no partitioned form)" in text
+    assert "retrieve             global, single task (at most 12 input rows <= execution.single_task_max_rows 500,000)" in text
     assert "emit: parquet, shards of 10,000 rows" in text
     assert "resolved configuration:" in text and "shard_size: 5" in text
 

@@ -68,6 +68,18 @@ def test_timm_embeddings_are_unit_rows_independent_of_batching(tiny):
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
+def test_a_random_initialisation_is_the_same_in_every_worker():
+    from embedders.timm_model import build_timm_model
+
+    torch.manual_seed(123)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(123)  # whatever state the process is in
+    a, _ = build_timm_model("vit_tiny_patch16_224", pretrained=False, model_kwargs={"img_size": 32})
+    assert torch.equal(torch.rand(1), expected_draw)  # the caller's generator is left alone
+    b, _ = build_timm_model("vit_tiny_patch16_224", pretrained=False, model_kwargs={"img_size": 32})
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_missing_pretrained_weights_say_where_to_get_them():
     with pytest.raises(EmbedderUnavailable) as e:
         build_embedder({"type": "timm", "name": "vit_small_patch14_dinov2.lvd142m"})

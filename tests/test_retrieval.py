@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.cluster import cluster_params, cluster_retrieval, rank_in_cluster, scaled_clusters
+from retrieval.cluster import cluster_params, cluster_retrieval, hierarchy_levels, rank_in_cluster, scaled_clusters
 from retrieval.hierarchical_kmeans import (
     HierarchicalKMeans,
     Level,
+    balanced_quotas,
     balanced_sample,
     closest_per_cluster,
     hierarchical_kmeans,
+    pick_rank,
     water_fill,
 )
 from retrieval.kmeans import _torch_lloyd, assign, kmeans
@@ -194,3 +196,40 @@ def test_hierarchical_kmeans_levels_nest_planted_concepts():
     assert same_partition(hkm.labels(1), sub)
     assert same_partition(hkm.labels(2), sub // 3)
     assert hkm.cluster_sizes(2).tolist() == [120, 120]
+
+
+def test_balanced_quotas_split_the_target_evenly_at_every_level_within_capacity():
+    # Level 1: A1, A2, A3 (under top cluster A) and B1 (alone under B); A3 can give only 5.
+    capacity = np.array([100, 100, 5, 200])
+    parents = [np.array([0, 0, 0, 1])]
+    quota = balanced_quotas(capacity, parents, 60, np.random.default_rng(0))
+    assert quota[3] == 30 and quota[2] == 5  # B gets half; A3 all it has
+    assert sorted(quota[:2].tolist()) == [12, 13]  # A's other 25 split over A1, A2
+    flat = balanced_quotas(capacity, [], 60, np.random.default_rng(0))
+    assert flat[2] == 5 and sorted(flat[[0, 1, 3]].tolist()) == [18, 18, 19]  # one level: evenly over clusters
+    assert balanced_quotas(np.array([0, 4, 0, 3]), parents, 100, np.random.default_rng(0)).tolist() == [0, 4, 0, 3]
+
+
+def test_pick_rank_orders_each_cluster_the_same_way_whatever_the_row_order():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 300)
+    uids = rng.permutation(10_000)[:300].astype(np.int64)
+    scores = rng.random(300).astype(np.float32)
+    for pick in ("random", "closest"):
+        rank = pick_rank(labels, uids, scores, pick, seed=7)
+        perm = rng.permutation(300)
+        assert (pick_rank(labels[perm], uids[perm], scores[perm], pick, seed=7) == rank[perm]).all()
+        for c in range(5):
+            assert sorted(rank[labels == c].tolist()) == list(range(int((labels == c).sum())))
+    closest = pick_rank(labels, uids, scores, "closest", seed=7)
+    best = [np.flatnonzero(labels == c)[np.argmax(scores[labels == c])] for c in range(5)]
+    assert (closest[best] == 0).all()
+    assert (pick_rank(labels, uids, scores, "random", seed=8) != pick_rank(labels, uids, scores, "random", seed=7)).any()
+
+
+def test_hierarchy_levels_scale_with_the_pool_clustering_and_drop_levels_that_merge_nothing():
+    assert hierarchy_levels(100_000, 100_000, [10_000, 1_000]) == [10_000, 1_000]
+    assert hierarchy_levels(1_000, 100_000, [10_000, 1_000]) == [100, 10]
+    assert hierarchy_levels(30, 100_000, [10_000, 1_000]) == [3, 2]  # at least 2 clusters while the level below has more
+    assert hierarchy_levels(4, 100_000, [10_000, 1_000]) == [2]  # the top level would merge nothing: left out
+    assert hierarchy_levels(30, 30, []) == []

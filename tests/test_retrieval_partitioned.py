@@ -180,3 +180,51 @@ def test_cluster_quotas_reproduce_the_single_task_cap_order(cap):
     taken = np.flatnonzero([rank[i] < lim.get(int(labels[i]), 0) for i in range(400)])
     assert capped == single.capped
     assert taken.tolist() == single.pool_idx.tolist()
+
+
+def two_level_crawl(rng, per=40):
+    """Concept A in three nearby sub-concepts, concepts B and C alone; seeds in A's three and in B."""
+    e = np.eye(D)
+    subs = [unit(e[0] + 0.6 * e[i]) for i in (2, 3, 4)] + [e[1], e[5]]
+    pool = np.concatenate([unit(c + 0.05 * rng.standard_normal((per, D))) for c in subs])
+    rows = [("pool", None, v) for v in pool]
+    for c in subs[:4]:
+        rows += [("seed", "S", unit(c + 0.05 * rng.standard_normal(D))) for _ in range(4)]
+    order = rng.permutation(len(rows))
+    return [rows[i] for i in order], order, pool
+
+
+@pytest.mark.parametrize("pick", ["random", "closest"])
+def test_hierarchical_balanced_sampling_splits_the_cap_over_the_top_level_in_both_forms(tmp_path, pick):
+    rng = np.random.default_rng(11)
+    rows, order, _ = two_level_crawl(rng)
+    concept_of_row = [(int(i) // 40 if i < 200 else -1) for i in order]  # the planted sub-concept of each row, -1 for seeds
+    seeds = {"S": {"path": "/s", "recipes": [{"method": "cluster", "min_seeds": 3, "per_cluster": 1000, "cap": 60, "sampling": "balanced", "pick": pick}]}}
+    config = {"clustering": {"clusters": 5, "points_per_cluster": 40, "hierarchy": {"levels": [2], "resampling_steps": 2}}}
+    single = run_form(tmp_path / "s", "single", rows, seeds, config, shard_rows=50)
+    parted = run_form(tmp_path / "p", "partitioned", rows, seeds, config, shard_rows=50, max_partition_rows=60, map_task_rows=60)
+    uids = write_uids(len(rows), 50)
+    concept = dict(zip(uids, concept_of_row))
+    for stats, _, ann, _ in (single, parted):
+        counts = np.bincount([concept[u] for u in ann.column("uid").to_pylist()], minlength=5).tolist()
+        # A and (B, C) share the cap of 60 evenly; A's 30 go 10 to each sub-concept; C has no seeds.
+        assert counts == [10, 10, 10, 30, 0], counts
+        s = stats["summary"]
+        assert s["pool_clustering"]["levels"] == [5, 2]
+        recipe = s["seed_datasets"]["S"]["recipes"][0]
+        assert (recipe["sampling"], recipe["pick"], recipe["capped"]) == ("balanced", pick, True)
+        assert recipe["top_clusters_used"] == 2 and recipe["images_per_top_cluster"] == [30, 30.0, 30]
+    if pick == "random":  # a hash order of the uids: the same images in both forms
+        assert single[2].column("uid").to_pylist() == parted[2].column("uid").to_pylist()
+    assert single[1].num_rows == parted[1].num_rows == 200 - 60
+
+
+def test_balanced_without_upper_levels_splits_the_cap_evenly_over_the_selected_clusters(tmp_path):
+    rng = np.random.default_rng(11)
+    rows, order, _ = two_level_crawl(rng)
+    concept_of_row = [(int(i) // 40 if i < 200 else -1) for i in order]
+    seeds = {"S": {"path": "/s", "recipes": [{"method": "cluster", "min_seeds": 3, "per_cluster": 1000, "cap": 60, "sampling": "balanced"}]}}
+    config = {"clustering": {"clusters": 5, "points_per_cluster": 40}}
+    _, _, ann, _ = run_form(tmp_path, "partitioned", rows, seeds, config, shard_rows=50, max_partition_rows=60, map_task_rows=60)
+    concept = dict(zip(write_uids(len(rows), 50), concept_of_row))
+    assert np.bincount([concept[u] for u in ann.column("uid").to_pylist()], minlength=5).tolist() == [15, 15, 15, 15, 0]

@@ -19,8 +19,8 @@ import pyarrow as pa
 from curation import schema
 from curation.partitioned.files import with_partition
 from curation.partitioned.steps import AggregateStep, Artifact, MapStep, Output, ReduceStep, TaskContext
-from retrieval.cluster import cluster_params, rank_in_cluster
-from retrieval.hierarchical_kmeans import kmeans_with_resampling
+from retrieval.cluster import balanced_limits, balanced_rng, cluster_params, fit_hierarchy, hierarchy_levels, rank_in_cluster, top_level_spread
+from retrieval.hierarchical_kmeans import kmeans_with_resampling, pick_rank
 from retrieval.kmeans import assign, kmeans
 
 _CLUSTER_SALT = 0x5A4
@@ -48,6 +48,12 @@ def quota(sizes: np.ndarray, seeds_per_cluster: np.ndarray, selected: np.ndarray
     return limit, True
 
 
+def parents_of(ctx: TaskContext) -> list[np.ndarray]:
+    """The hierarchy's parent arrays, from the k-means artifact."""
+    arrays = ctx.artifacts("kmeans").arrays
+    return [arrays[f"parent{j}"] for j in range(sum(1 for key in arrays if key.startswith("parent")))]
+
+
 def cluster_steps(stage, recipes, cluster_sets, n_pool, n_seeds, clusters_of, pool_rows, seed_rows, links_table) -> list:
     cfg, seed_value = stage.config, stage.context.seed
     c = cfg.clustering
@@ -71,9 +77,13 @@ def cluster_steps(stage, recipes, cluster_sets, n_pool, n_seeds, clusters_of, po
         else:
             centroids = kmeans(xt, k, niter=c.niter, seed=seed_value, spherical=True, gpu=cfg.index.gpu,
                                max_points_per_centroid=c.max_points_per_centroid).centroids
+        levels = hierarchy_levels(k, c.clusters, c.hierarchy.levels)
+        parents = fit_hierarchy(centroids, levels, resampling_steps=c.hierarchy.resampling_steps, resample_size=c.hierarchy.resample_size,
+                                niter=c.niter, seed=seed_value, gpu=cfg.index.gpu) if levels else []
         facts = {"clusters": int(k), "rule": params.rule.split(";")[0], "resampling_steps": c.resampling_steps,
-                 "train_rows": int(len(xt)), "seconds": round(time.perf_counter() - t0, 3)}
-        return Artifact({"centroids": np.asarray(centroids, np.float32)}, facts)
+                 "levels": [int(k)] + levels, "train_rows": int(len(xt)), "seconds": round(time.perf_counter() - t0, 3)}
+        arrays = {"centroids": np.asarray(centroids, np.float32), **{f"parent{j}": p for j, p in enumerate(parents)}}
+        return Artifact(arrays, facts)
 
     def assign_map(table: pa.Table, ctx: TaskContext) -> dict:
         from curation.retrieve.steps import VEC, _vec_column, _vectors
@@ -128,11 +138,20 @@ def cluster_steps(stage, recipes, cluster_sets, n_pool, n_seeds, clusters_of, po
             spc = np.bincount(cl[ds == name], weights=n[ds == name], minlength=C).astype(np.int64)
             min_seeds, cap = int(r.get("min_seeds", 3)), int(r.get("cap", 1_000_000))
             params = cluster_params(n_pool(ctx.state), int(r.get("per_cluster", 10_000)), c.clusters, c.points_per_cluster)
-            selected = np.flatnonzero(spc > min_seeds)
-            limit, capped = quota(sizes, spc, selected, params.per_cluster, cap)
+            balanced = {}
+            if r.get("sampling") == "balanced":
+                parents = parents_of(ctx)
+                selected, limit, capped = balanced_limits(sizes, spc, parents, min_seeds=min_seeds, per_cluster=params.per_cluster,
+                                                          cap=cap, rng=balanced_rng(seed_value, name))
+                full = np.zeros(C, np.int64)
+                full[selected] = limit
+                balanced = {"sampling": "balanced", "pick": r.get("pick", "random"), **top_level_spread(full, parents)}
+            else:
+                selected = np.flatnonzero(spc > min_seeds)
+                limit, capped = quota(sizes, spc, selected, params.per_cluster, cap)
             arrays[f"r{i}_clusters"], arrays[f"r{i}_limits"] = selected.astype(np.int64), limit
             facts[f"r{i}"] = {"method": "cluster", "min_seeds": min_seeds, "per_cluster": params.per_cluster, "cap": cap,
-                              "clusters_selected": int(len(selected)), "capped": bool(capped), "rule": params.rule}
+                              "clusters_selected": int(len(selected)), "capped": bool(capped), "rule": params.rule, **balanced}
         return Artifact(arrays, facts)
 
     def select(part, ctx: TaskContext) -> dict:
@@ -146,12 +165,17 @@ def cluster_steps(stage, recipes, cluster_sets, n_pool, n_seeds, clusters_of, po
         label = t.column("label").to_numpy()
         x = _matrix(t.column(VEC))
         pool = np.flatnonzero(~seed)
-        rank = np.full(len(uid), -1, np.int64)
-        rank[pool] = rank_in_cluster(label[pool], t.column("score").to_numpy()[pool])  # ties: smaller uid first
+        score = t.column("score").to_numpy()
+        ranks = {"closest": rank_in_cluster(label[pool], score[pool])}  # ties: smaller uid first (rows sorted by uid)
         art = ctx.artifacts("quota")
         m = cfg.max_seed_links
         out = []
-        for i, name, _ in wanted:
+        for i, name, r in wanted:
+            order = r.get("pick", "random") if r.get("sampling") == "balanced" else "closest"
+            if order not in ranks:
+                ranks[order] = pick_rank(label[pool], uid[pool], score[pool], order, seed_value)
+            rank = np.full(len(uid), -1, np.int64)
+            rank[pool] = ranks[order]
             selected, limits = art.arrays[f"r{i}_clusters"], art.arrays[f"r{i}_limits"]
             here = np.isin(selected, np.unique(label[pool]))
             for cl, lim in zip(selected[here], limits[here]):

@@ -31,13 +31,16 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from curation import schema
 from curation.index_settings import IndexSettings
 from curation.stage import GlobalResult, GlobalStage, Resources, StageConfig, empty_drops, make_drops
-from retrieval.cluster import PAPER_CLUSTERS, cluster_params, cluster_retrieval
-from retrieval.hierarchical_kmeans import kmeans_with_resampling
+from retrieval.cluster import (
+    PAPER_CLUSTERS, ClusterRetrieval, balanced_limits, balanced_rng, cluster_params, cluster_retrieval, fit_hierarchy, hierarchy_levels,
+    top_level_spread,
+)
+from retrieval.hierarchical_kmeans import kmeans_with_resampling, pick_rank
 from retrieval.kmeans import assign, kmeans
 from retrieval.provenance import Provenance, provenance
 from retrieval.sample import sample_retrieval
@@ -45,6 +48,27 @@ from retrieval.sample import sample_retrieval
 log = logging.getLogger(__name__)
 
 NOT_RETRIEVED = "not_retrieved"
+
+
+class HierarchyConfig(BaseModel):
+    """Levels above the pool's clustering for balanced sampling (Vo et al. 2024)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    levels: list[int] = Field(
+        default_factory=list,
+        description="clusters of each level above the pool clustering, fine to coarse (e.g. [10000, 1000] over clusters=100000); "
+        "scaled with C for small pools; empty = one level",
+    )
+    resampling_steps: int = Field(10, ge=0, description="resampling steps at every upper level (ssl-data-curation: 10)")
+    resample_size: int | None = Field(None, ge=1, description="points per cluster kept in a resampling step; None = half the mean cluster size of the level")
+
+    @field_validator("levels")
+    @classmethod
+    def _non_increasing(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v) or any(b > a for a, b in zip(v, v[1:])):
+            raise ValueError(f"levels must be positive cluster counts that do not increase from fine to coarse, got {v}")
+        return v
 
 
 class ClusteringConfig(BaseModel):
@@ -56,6 +80,13 @@ class ClusteringConfig(BaseModel):
     max_points_per_centroid: int = Field(256, ge=1, description="training sample per centroid (faiss default)")
     resampling_steps: int = Field(0, ge=0, description="0 = plain k-means (paper); >0 = Vo et al. 2024 resampling steps")
     resample_size: int = Field(10, ge=1, description="points per cluster kept in each resampling step")
+    hierarchy: HierarchyConfig = Field(default_factory=HierarchyConfig, description="upper levels for sampling: balanced cluster recipes")
+
+    @model_validator(mode="after")
+    def _levels_above_clusters(self):
+        if self.hierarchy.levels and self.hierarchy.levels[0] >= self.clusters:
+            raise ValueError(f"hierarchy.levels must have fewer clusters than clusters={self.clusters} (level 1), got {self.hierarchy.levels}")
+        return self
 
 
 class RetrieveConfig(StageConfig):
@@ -170,7 +201,7 @@ class RetrieveStage(GlobalStage):
                 elif method == "cluster":
                     if pool_km is None:
                         pool_km = self._cluster_pool(pool, summary)
-                    info["recipes"].append(self._cluster(recipe, pool, pool_km, seeds, seed_rows, name, links))
+                    info["recipes"].append(self._cluster(recipe, pool, pool_km, seeds, seed_rows, name, links, uids[pool_rows]))
                 else:
                     raise ValueError(f"seed dataset {name}: unknown recipe method {method!r}")
             per_dataset[name] = info
@@ -231,26 +262,32 @@ class RetrieveStage(GlobalStage):
         else:
             km = kmeans(pool, params.clusters, niter=c.niter, seed=self.context.seed, spherical=True, gpu=self.config.index.gpu, max_points_per_centroid=c.max_points_per_centroid)
             centroids, labels, scores = km.centroids, km.labels, km.scores
+        levels = hierarchy_levels(len(centroids), c.clusters, c.hierarchy.levels)
+        parents = fit_hierarchy(centroids, levels, resampling_steps=c.hierarchy.resampling_steps, resample_size=c.hierarchy.resample_size,
+                                niter=c.niter, seed=self.context.seed, gpu=self.config.index.gpu) if levels else []
         clusters_rule = params.rule.split(";")[0]
-        log.info("retrieve: pool k-means with C=%d (%s)", params.clusters, clusters_rule)
+        log.info("retrieve: pool k-means with C=%d (%s), levels above: %s", params.clusters, clusters_rule, levels)
         summary["pool_clustering"] = {
             "clusters": params.clusters,
             "rule": clusters_rule,
             "resampling_steps": c.resampling_steps,
+            "levels": [int(len(centroids))] + levels,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        return centroids, labels, scores
+        return centroids, labels, scores, parents
 
-    def _cluster(self, recipe: dict, pool, pool_km, seeds, seed_rows, name: str, links: _Links) -> dict:
-        centroids, labels, scores = pool_km
+    def _cluster(self, recipe: dict, pool, pool_km, seeds, seed_rows, name: str, links: _Links, pool_uids) -> dict:
+        centroids, labels, scores, parents = pool_km
         c = self.config.clustering
         params = cluster_params(len(pool), int(recipe.get("per_cluster", 10_000)), c.clusters, c.points_per_cluster)
         log.info("retrieve: %s cluster recipe: %s", name, params.rule)
         seed_labels = assign(seeds, centroids, True, self.config.index.gpu)[0] if len(seeds) else np.zeros(0, np.int64)
-        r = cluster_retrieval(
-            labels, scores, seed_labels, len(centroids),
-            min_seeds=int(recipe.get("min_seeds", 3)), per_cluster=params.per_cluster, cap=int(recipe.get("cap", 1_000_000)),
-        )
+        min_seeds, cap = int(recipe.get("min_seeds", 3)), int(recipe.get("cap", 1_000_000))
+        balanced = {}
+        if recipe.get("sampling") == "balanced":
+            r, balanced = self._balanced(recipe, labels, scores, seed_labels, len(centroids), parents, pool_uids, name, params.per_cluster)
+        else:
+            r = cluster_retrieval(labels, scores, seed_labels, len(centroids), min_seeds=min_seeds, per_cluster=params.per_cluster, cap=cap)
         m = self.config.max_seed_links
         for cl in np.unique(r.cluster):
             p = r.pool_idx[r.cluster == cl]
@@ -268,10 +305,26 @@ class RetrieveStage(GlobalStage):
             "clusters_selected": int(len(r.selected_clusters)),
             "capped": bool(r.capped),
             "rule": params.rule,
+            **balanced,
             "retrieved": int(len(r.pool_idx)),
             "unique": int(len(r.pool_idx)),
             "collisions": 0,
         }
+
+    def _balanced(self, recipe: dict, labels, scores, seed_labels, n_clusters: int, parents, pool_uids, name: str, per_cluster: int):
+        """Hierarchical balanced sampling of the selected clusters down to ``cap`` images."""
+        sizes = np.bincount(labels, minlength=n_clusters)
+        spc = np.bincount(np.asarray(seed_labels, np.int64), minlength=n_clusters)
+        selected, limits, capped = balanced_limits(
+            sizes, spc, parents, min_seeds=int(recipe.get("min_seeds", 3)), per_cluster=per_cluster,
+            cap=int(recipe.get("cap", 1_000_000)), rng=balanced_rng(self.context.seed, name),
+        )
+        full = np.zeros(n_clusters, np.int64)
+        full[selected] = limits
+        rank = pick_rank(labels, pool_uids, scores, recipe.get("pick", "random"), self.context.seed)
+        idx = np.flatnonzero(rank < full[labels])
+        r = ClusterRetrieval(idx.astype(np.int64), np.asarray(labels, np.int64)[idx], selected, spc, capped)
+        return r, {"sampling": "balanced", "pick": recipe.get("pick", "random"), **top_level_spread(full, parents)}
 
     # -- provenance -----------------------------------------------------------------------
     def _provenance(self, arrays, table: pa.Table, pool_rows: np.ndarray):
