@@ -361,6 +361,9 @@ def main() -> None:
                     help="reuse the sizes (and the two-node run) already in the result JSON when it was made with the same settings; "
                     "the 4M run alone takes hours on 2 cores, so a benchmark may span sessions (each run records its own date and commit)")
     ap.add_argument("--stages", nargs="*", default=list(STAGES))
+    ap.add_argument("--remeasure", nargs="*", default=[],
+                    help="with --keep-measured: run these stages again at every kept size and replace their figures "
+                    "(each stage records its own date and commit, and whether its drops equal the earlier measurement's)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "curation-scale")
     ap.add_argument("--generate", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--drive", type=Path, default=None, help=argparse.SUPPRESS)
@@ -382,6 +385,8 @@ def main() -> None:
         report.update(measured_before(report, args.quick))
         sizes = [n for n in sizes if n not in {r["n"] for r in report["runs"]}]
         print(f"kept from the result file: N = {[r['n'] for r in report['runs']]}; to run: {sizes}", flush=True)
+        if args.remeasure and report["runs"]:
+            remeasure(args, report)
     # Sizes run smallest, largest, then the middle ones, and the report is rewritten after
     # each, so an interrupted benchmark still leaves the two ends the scaling figures need.
     for n in sizes:
@@ -392,6 +397,24 @@ def main() -> None:
         print(f"N={n}: {time.perf_counter() - t0:.0f} s", flush=True)
         if args.two_node and "two_node" not in report:
             report["two_node"] = two_node_report(args, report["runs"][0])
+        summarise(report, args)
+        write_result("scale", report, quick=args.quick)
+
+
+def remeasure(args, report: dict) -> None:
+    """Run ``args.remeasure`` again at every kept size (smallest, largest, then the middle ones)
+    and replace those stages' figures, writing the report after each size."""
+    again = argparse.Namespace(**{**vars(args), "stages": args.remeasure})
+    runs = sorted(report["runs"], key=lambda r: r["n"])
+    for run in [runs[0], runs[-1], *runs[1:-1]]:
+        t0 = time.perf_counter()
+        new = run_one(again, run["n"])
+        for kind in args.remeasure:
+            before = run["stages"].get(kind, {}).get("drops_digest")
+            run["stages"][kind] = {**new["stages"][kind], "driver_peak_rss_mb": new["driver_peak_rss_mb"],
+                                   "measured": {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit()},
+                                   "drops_identical_to_previous_measurement": before == new["stages"][kind]["drops_digest"]}
+        print(f"N={run['n']}: {args.remeasure} measured again in {time.perf_counter() - t0:.0f} s", flush=True)
         summarise(report, args)
         write_result("scale", report, quick=args.quick)
 

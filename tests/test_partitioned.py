@@ -103,11 +103,12 @@ def hash_table(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
     return table, chain
 
 
-@pytest.mark.parametrize("grouping", ["components", "star"])
-def test_phash_dedup_forms_agree_with_mirrors_and_a_chain_across_partitions(tmp_path, grouping):
+@pytest.mark.parametrize("grouping, buckets", [("components", "substrings"), ("star", "substrings"), ("components", "pairs")])
+def test_phash_dedup_forms_agree_with_mirrors_and_a_chain_across_partitions(tmp_path, grouping, buckets):
     table, chain = hash_table(2400)
-    config = {"radius": 4, "grouping": grouping}
+    config = {"radius": 4, "grouping": grouping, "buckets": buckets}
     single, parted = assert_same(both_forms(tmp_path, table, PhashDedupStage, config, shard_rows=150, **SMALL))
+    assert parted["summary"]["keys_per_code"] == (15 if buckets == "pairs" else 5)  # C(6, 2) pairs of 6 substrings, or 5
     for key in ("components", "dropped", "largest_group"):
         assert parted["summary"][key] == single["summary"][key]
     if grouping == "components":
@@ -117,7 +118,8 @@ def test_phash_dedup_forms_agree_with_mirrors_and_a_chain_across_partitions(tmp_
     assert tasks_of(parted, "pairs") > 5 and any(s["step"].startswith("components.r") for s in parted["steps"])
 
 
-def test_a_huge_hash_bucket_is_streamed_in_chunks_and_agrees(tmp_path, monkeypatch):
+@pytest.mark.parametrize("buckets", ["substrings", "pairs"])
+def test_a_huge_hash_bucket_is_streamed_in_chunks_and_agrees(tmp_path, monkeypatch, buckets):
     monkeypatch.setattr(files, "CHUNK_ROWS", 256)  # so the blank bucket spans many row groups
     table, _ = hash_table(2000, seed=1)
     h = table.column("phash").to_numpy().copy()
@@ -126,14 +128,37 @@ def test_a_huge_hash_bucket_is_streamed_in_chunks_and_agrees(tmp_path, monkeypat
     flip[:1200] = 0
     h[1200] = 0b101  # two bits from blank: joins its component
     table = table.set_column(0, "phash", pa.array(h, pa.uint64())).set_column(1, "phash_flip", pa.array(flip, pa.uint64()))
-    single, parted = assert_same(both_forms(tmp_path, table, PhashDedupStage, {"radius": 3}, shard_rows=150, **SMALL))
+    single, parted = assert_same(both_forms(tmp_path, table, PhashDedupStage, {"radius": 3, "buckets": buckets}, shard_rows=150, **SMALL))
     assert single["summary"]["largest_group"] >= 1201 and parted["summary"]["largest_group"] == single["summary"]["largest_group"]
     assert parted["summary"]["largest_bucket_partition_rows"] > 1200  # held as distinct codes, not pairs
 
 
-def test_phash_dedup_without_flip_agrees(tmp_path):
+@pytest.mark.parametrize("buckets", ["substrings", "pairs"])
+def test_phash_dedup_without_flip_agrees(tmp_path, buckets):
     table, _ = hash_table(1500, seed=2)
-    assert_same(both_forms(tmp_path, table, PhashDedupStage, {"radius": 6, "flip": False}, shard_rows=200, **SMALL))
+    assert_same(both_forms(tmp_path, table, PhashDedupStage, {"radius": 6, "flip": False, "buckets": buckets}, shard_rows=200, **SMALL))
+
+
+def test_pair_buckets_find_every_pair_within_the_radius_and_cut_the_comparisons():
+    """Two codes within r agree on at least 2 of r + 2 substrings, so they share a pair key."""
+    from curation.dedup.multi_index import bucket_keys, key_scheme
+
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 256, (3000, 8), dtype=np.uint8)
+    flips = np.zeros((3000, 64), np.uint8)
+    for row, k in enumerate(rng.integers(0, 7, 3000)):  # 0..6 bits flipped
+        flips[row, rng.choice(64, k, replace=False)] = 1
+    b = a ^ np.packbits(flips, axis=1)
+    pairs = key_scheme(64, 6, 10**6)
+    assert pairs.describe() == "8 substrings, buckets on 2 of them (28 per code)"
+    assert key_scheme(64, 6, 1000).describe() == "7 substrings, buckets on 1 of them (7 per code)"
+    ka, kb = bucket_keys(a, pairs), bucket_keys(b, pairs)
+    assert (ka == kb).any(axis=0).all()  # every pair within radius 6 shares a bucket
+    # A random code shares a pair bucket with another far less often than a single-substring one.
+    single = key_scheme(64, 6, 0, "substrings")
+    c = rng.integers(0, 256, (3000, 8), dtype=np.uint8)
+    shared = lambda sch: (bucket_keys(a, sch)[:, :, None] == bucket_keys(c, sch)[:, None, :]).any(axis=0).mean()
+    assert shared(pairs) < shared(single) / 10
 
 
 # -- pca_hash --------------------------------------------------------------------------------

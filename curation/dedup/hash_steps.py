@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from curation.dedup.multi_index import bucket_rows, pairs_reduce, substring_bounds
+from curation.dedup.multi_index import bucket_rows, key_scheme, pairs_reduce
 from curation.partitioned.keepers import duplicate_keep, keep_step, members_step
 from curation.partitioned.steps import ComponentsStep, MapStep, Output, ReduceStep, TaskContext
 
@@ -31,23 +31,33 @@ def hash_dedup_steps(
     score: Callable[..., np.ndarray],
     columns: tuple[str, ...] | None = None,
     test: Callable | None = None,
+    nbits: int = 64,
+    multi_index: str = "auto",
 ) -> list:
     """Steps from codes to drops. ``codes_of(table, ctx)`` gives (uids, packed codes), with a uid
     repeated for each of its ``copies`` codes (a hash and its mirror)."""
+
+    def scheme(state, nbits: int = nbits):
+        return key_scheme(nbits, radius, state.n_rows * copies, multi_index)
 
     def buckets(table: pa.Table, ctx: TaskContext) -> dict:
         uids, codes = codes_of(table, ctx)
         ctx.count("codes", len(uids))
         if len(uids) == 0:
             return {}
-        return {"buckets": bucket_rows(uids, codes, radius, ctx.partitions["buckets"])}
+        keys = scheme(ctx.state, codes.shape[1] * 8)
+        ctx.peak("keys_per_code", len(keys.keys))
+        return {"buckets": bucket_rows(uids, codes, keys, ctx.partitions["buckets"])}
 
     def bucket_partitions(s) -> int:
-        return s.partitions_for(s.n_rows * copies * (radius + 1))
+        return s.partitions_for(s.n_rows * copies * len(scheme(s).keys))
+
+    def pairs(part, ctx: TaskContext) -> dict:
+        return pairs_reduce(part, ctx, radius, method, lambda bits: scheme(ctx.state, bits))
 
     return [
         MapStep("buckets", buckets, [Output("buckets", bucket_partitions)], columns=columns),
-        ReduceStep("pairs", "buckets/buckets", lambda part, ctx: pairs_reduce(part, ctx, radius, method),
+        ReduceStep("pairs", "buckets/buckets", pairs,
                    [Output("edges", lambda s: s.partitions_for(s.n_rows))]),
         ComponentsStep("components", "pairs/edges"),
         members_step("members", "components/labels", payload),
@@ -58,6 +68,8 @@ def hash_dedup_steps(
 def hash_summary(counters: dict, nbits: int, radius: int, grouping: str) -> dict:
     """The summary of a partitioned hash stage, with the single-task form's keys where they exist."""
     codes, pairs, keep = counters.get("buckets", {}), counters.get("pairs", {}), counters.get("keep", {})
+    single = key_scheme(nbits, radius, 0, "substrings")
+    used = key_scheme(nbits, radius, 0, "pairs") if codes.get("keys_per_code_max", 0) > len(single.keys) else single
     return {
         "codes": int(codes.get("codes", 0)),
         "edges": int(pairs.get("pairs", 0)),
@@ -66,6 +78,7 @@ def hash_summary(counters: dict, nbits: int, radius: int, grouping: str) -> dict
         "largest_group": int(keep.get("largest_group_max", 0)),
         "radius": radius,
         "grouping": grouping,
-        "index": f"multi-index hashing ({len(substring_bounds(nbits, radius))} substrings), partitioned",
+        "index": f"multi-index hashing ({used.describe()}), partitioned",
+        "keys_per_code": int(codes.get("keys_per_code_max", 0)),
         "largest_bucket_partition_rows": int(pairs.get("partition_rows_max", 0)),
     }

@@ -18,12 +18,19 @@ Memory per reduce task: the distinct codes of its partition and their edges. A b
 as large as the number of codes sharing a substring value; with substrings of ~64 / (r+1) bits
 the partitions stay balanced for hash-like codes (radius 6 on 64 bits: 9-10-bit substrings).
 Time: the code comparisons inside buckets grow as (r+1) N^2 / 2^(64/(r+1)) (FAISS compares a
-bucket's full matrix: N^2 / 80 for radius 6, N^2 / 1,400 for radius 4), ~1 ns each: about a
-minute of task time at 2M codes, the one super-linear term of the deduplication stages
-(docs/architecture.md).
+bucket's full matrix: N^2 / 80 for radius 6, N^2 / 1,400 for radius 4), ~1 ns each, the one
+super-linear term of the deduplication stages. Beyond ``PAIRS_MIN_CODES`` codes the buckets are
+keyed on *pairs* of r + 2 substrings instead (two codes within r agree on at least 2 of them):
+C(r+2, 2) keys per code (28 at radius 6, 4x the shuffle rows) of ~2 x 64/(r+2) bits, so the
+comparisons fall to ~N^2 / 4,700 at radius 6 and the stage stays near-linear to billions of
+codes; structured codes (PCA hashes of a crawl with a few dominant concepts) fill single-
+substring buckets much more than uniform ones, which the pairs keys also absorb.
 """
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -38,36 +45,77 @@ CODE = "code"
 _BUCKET_SALT = 0xB0C4E7
 
 
+# Bucketing on pairs of substrings (below) pays for itself from about this many codes on: it sends
+# (r+2)/2 times the rows through the shuffle but divides the comparisons inside buckets by
+# ~2^(64/(r+2)) / (r+2), the quadratic term that dominates large runs (docs/architecture.md).
+PAIRS_MIN_CODES = 200_000
+PAIRS_MAX_RADIUS = 6  # beyond, C(r+2, 2) keys per code cost more shuffle than they save
+
+
+@dataclass(frozen=True)
+class KeyScheme:
+    """The buckets a code is sent to: ``bounds`` are m disjoint bit ranges, and each key is a tuple
+    of s of them (s = m - r). Two codes within Hamming distance r differ in at most r of the m
+    ranges, so they agree exactly on at least s: they share the bucket of those s ranges."""
+
+    bounds: tuple[tuple[int, int], ...]
+    keys: tuple[tuple[int, ...], ...]
+
+    def describe(self) -> str:
+        per = len(self.keys[0]) if self.keys else 0
+        return f"{len(self.bounds)} substrings, buckets on {per} of them ({len(self.keys)} per code)"
+
+
+def key_scheme(nbits: int, radius: int, n_codes: int, mode: str = "auto") -> KeyScheme:
+    """Single substrings (r + 1 of them: the classic multi-index hashing) or pairs of r + 2
+    substrings, which ``auto`` picks for large inputs at radii up to 6."""
+    pairs = mode == "pairs" or (mode == "auto" and n_codes > PAIRS_MIN_CODES and 1 <= radius <= PAIRS_MAX_RADIUS)
+    if pairs and nbits >= radius + 2:
+        bounds = _cuts(nbits, radius + 2)
+        return KeyScheme(bounds, tuple(itertools.combinations(range(len(bounds)), 2)))
+    bounds = _cuts(nbits, max(1, min(radius + 1, nbits)))
+    return KeyScheme(bounds, tuple((t,) for t in range(len(bounds))))
+
+
 def substring_bounds(nbits: int, radius: int) -> list[tuple[int, int]]:
     """r + 1 disjoint bit ranges covering the code (fewer when the code has fewer bits)."""
-    m = max(1, min(radius + 1, nbits))
+    return list(key_scheme(nbits, radius, 0, "substrings").bounds)
+
+
+def _cuts(nbits: int, m: int) -> tuple[tuple[int, int], ...]:
     cuts = np.linspace(0, nbits, m + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    return tuple((int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]))
 
 
-def bucket_keys(codes: np.ndarray, radius: int) -> np.ndarray:
-    """uint64 [r + 1, n]: the bucket of every code for every substring (t and its bits hashed)."""
+def bucket_keys(codes: np.ndarray, scheme: KeyScheme | int) -> np.ndarray:
+    """uint64 [keys, n]: the bucket of every code for every key (key number and its bits hashed).
+    An int is a radius: the single-substring scheme."""
     codes = np.ascontiguousarray(codes, np.uint8)
     n, nbytes = codes.shape
+    if isinstance(scheme, int):
+        scheme = key_scheme(nbytes * 8, scheme, 0, "substrings")
     bits = np.unpackbits(codes, axis=1)
-    keys = []
-    for t, (a, b) in enumerate(substring_bounds(nbytes * 8, radius)):
+    words = []
+    for a, b in scheme.bounds:
         packed = np.packbits(bits[:, a:b], axis=1)
         width = -(-packed.shape[1] // 8) * 8
-        words = np.zeros((n, width), np.uint8)
-        words[:, : packed.shape[1]] = packed
-        words = words.view(np.uint64)
-        h = mix64(np.full(n, t + 1, np.int64), _BUCKET_SALT)
-        for w in range(words.shape[1]):
-            h = combine(h, words[:, w].view(np.int64))
+        w = np.zeros((n, width), np.uint8)
+        w[:, : packed.shape[1]] = packed
+        words.append(w.view(np.uint64))
+    keys = []
+    for number, parts in enumerate(scheme.keys):
+        h = mix64(np.full(n, number + 1, np.int64), _BUCKET_SALT)
+        for t in parts:
+            for col in range(words[t].shape[1]):
+                h = combine(h, words[t][:, col].view(np.int64))
         keys.append(h)
     return np.stack(keys) if keys else np.zeros((0, n), np.uint64)
 
 
-def bucket_rows(uids: np.ndarray, codes: np.ndarray, radius: int, partitions: int) -> pa.Table:
-    """One row (uid, code) per code and substring, keyed by the partition of its bucket."""
+def bucket_rows(uids: np.ndarray, codes: np.ndarray, scheme: KeyScheme | int, partitions: int) -> pa.Table:
+    """One row (uid, code) per code and key, keyed by the partition of its bucket."""
     codes = np.ascontiguousarray(codes, np.uint8)
-    keys = bucket_keys(codes, radius)
+    keys = bucket_keys(codes, scheme)
     m, n = keys.shape
     part = partition_of(keys.reshape(-1).view(np.int64), partitions).reshape(m, n)
     idx = np.tile(np.arange(n), m)
@@ -129,12 +177,14 @@ class _DistinctCodes:
         return a[a != b], b[a != b]
 
 
-def pairs_reduce(part, ctx, radius: int, method: str = "auto") -> dict:
-    """Reduce of one bucket partition: edges of every pair within ``radius`` it owns."""
+def pairs_reduce(part, ctx, radius: int, method: str = "auto", scheme_of=None) -> dict:
+    """Reduce of one bucket partition: edges of every pair within ``radius`` it owns.
+    ``scheme_of(nbits)`` gives the map step's key scheme (default: single substrings)."""
     mine, partitions = ctx.task, ctx.input_partitions
+    scheme_of = scheme_of or (lambda nbits: key_scheme(nbits, radius, 0, "substrings"))
 
     def first_bucket_here(codes: np.ndarray) -> np.ndarray:
-        return partition_of(bucket_keys(codes, radius)[0].view(np.int64), partitions) == mine
+        return partition_of(bucket_keys(codes, scheme_of(codes.shape[1] * 8))[0].view(np.int64), partitions) == mine
 
     distinct = _DistinctCodes(first_bucket_here)
     rows = 0
@@ -144,7 +194,7 @@ def pairs_reduce(part, ctx, radius: int, method: str = "auto") -> dict:
     if distinct.codes is None:
         return {}
     codes, rep = distinct.codes, distinct.rep
-    keys = bucket_keys(codes, radius)
+    keys = bucket_keys(codes, scheme_of(codes.shape[1] * 8))
     here = partition_of(keys.reshape(-1).view(np.int64), partitions).reshape(keys.shape) == mine
     a_same, b_same = distinct.star_edges()
     found: list[tuple[np.ndarray, np.ndarray]] = []

@@ -27,6 +27,16 @@ class GroupingConfig(DedupStageConfig):
     )
 
 
+class HashDedupConfig(GroupingConfig):
+    """A stage that links images whose binary codes lie within a Hamming radius."""
+
+    buckets: Literal["auto", "substrings", "pairs"] = Field(
+        "auto",
+        description="partitioned form: multi-index buckets on single substrings (r+1 keys per code) or on pairs of r+2 "
+        "substrings (C(r+2,2) keys, far fewer comparisons); auto = pairs beyond 200,000 codes at radius <= 6",
+    )
+
+
 class KnnGraphConfig(DedupStageConfig):
     """A stage that links images through a k-NN graph of descriptors (copy detection,
     decontamination): the published k = 64 over SSCD descriptors."""

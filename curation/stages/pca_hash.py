@@ -28,7 +28,7 @@ from curation.dedup.descriptors import descriptor_matrix, normalize_rows
 from curation.dedup.groups import duplicate_drops, with_descriptor
 from curation.dedup.hash_steps import hash_dedup_steps, hash_summary
 from curation.dedup.pca_hash import PcaProjection, fit_pca, sign_codes
-from curation.dedup.settings import GroupingConfig
+from curation.dedup.settings import HashDedupConfig
 from curation.partitioned.files import with_partition
 from curation.partitioned.keys import sample_rate, sampled
 from curation.partitioned.steps import AggregateStep, Artifact, MapStep, Output
@@ -37,7 +37,7 @@ from curation.stage import GlobalResult, GlobalStage, Resources, empty_drops
 _SAMPLE_SALT = 0x50CA
 
 
-class PcaHashConfig(GroupingConfig):
+class PcaHashConfig(HashDedupConfig):
     kind: Literal["pca_hash"] = "pca_hash"
     descriptor: str = Field("pixels_descriptor", description="descriptor column (fixed-size list of floats) to hash")
     # 64 bits within radius 2 on the 32x32 pixel descriptor: precision 0.998 on real photos with
@@ -167,7 +167,8 @@ class PcaHashStage(GlobalStage):
         return [
             MapStep("sample", sample, [Output("sample", 1)]),
             AggregateStep("pca", ["sample/sample"], fit),
-            *hash_dedup_steps(codes_of, cfg.radius, 1, cfg.index, (cfg.descriptor,), cfg.reason, score, test=test),
+            *hash_dedup_steps(codes_of, cfg.radius, 1, cfg.index, (cfg.descriptor,), cfg.reason, score, test=test, nbits=cfg.bits,
+                              multi_index=cfg.buckets),
         ]
 
     def partitioned_summary(self, counters, facts):

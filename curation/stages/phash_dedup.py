@@ -24,12 +24,12 @@ from curation.dedup.binary import hamming, hamming_pairs, uint64_to_codes, withi
 from curation.dedup.components import connected_components
 from curation.dedup.groups import duplicate_drops, rows_of
 from curation.dedup.hash_steps import hash_dedup_steps, hash_summary
-from curation.dedup.settings import GroupingConfig
+from curation.dedup.settings import HashDedupConfig
 from curation.stage import GlobalResult, GlobalStage, Resources
 from curation.stages.phash import flip_column
 
 
-class PhashDedupConfig(GroupingConfig):
+class PhashDedupConfig(HashDedupConfig):
     kind: Literal["phash_dedup"] = "phash_dedup"
     column: str = Field("phash", description="uint64 hash column written by a `phash` stage")
     radius: int = Field(6, ge=0, le=32, description="largest Hamming distance (of 64 bits) counted as a duplicate")
@@ -136,7 +136,7 @@ class PhashDedupStage(GlobalStage):
 
         return hash_dedup_steps(
             codes_of, self.config.radius, len(self._hash_columns()), self.config.index, self._hash_columns(), self.config.reason,
-            score, test=test,
+            score, test=test, nbits=64, multi_index=self.config.buckets,
         )
 
     def partitioned_summary(self, counters, facts):
