@@ -17,10 +17,11 @@ into the same temporary folder), a worker process per tree and round:
 
 Rounds alternate the order of the trees, so that drift in a shared machine's load falls on both;
 each figure is the median over rounds of process-CPU seconds (torch on one thread, decode
-threads counted), with wall seconds alongside. Then the whole weight-free pipeline
-(``curate run --config demo --allow-missing-weights`` on ``--run-images`` photos: Caltech-101 as
-the pool, ImageNet as seeds) runs for each tree, alternating, and its images/s is input images
-over the command's wall time (Ray start-up included, as a user sees it).
+threads counted), with wall seconds alongside. Then the whole weight-free pipeline of the older
+commit (its ``pipelines/demo.yaml``, run by both trees so the stages are the same, with
+``--allow-missing-weights`` on ``--run-images`` photos: Caltech-101 as the pool, ImageNet as
+seeds) runs for each tree, alternating, and its images/s is input images over the command's wall
+time (Ray start-up included, as a user sees it); ours' own demo.yaml runs once besides.
 
     .venv/bin/python benchmarks/stages.py --quick                 # a smoke run, a few minutes
     .venv/bin/python benchmarks/stages.py                         # the committed figures
@@ -304,8 +305,8 @@ def run_inputs(work: Path, images: int) -> tuple[Path, Path]:
     return work / "pool", work / "seeds"
 
 
-def whole_run(tree: Path, pool: Path, seeds: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "curation.cli", "run", "--pool", str(pool), "--seeds", str(seeds), "--config", "demo",
+def whole_run(tree: Path, pool: Path, seeds: Path, out: Path, config: str = "demo") -> dict:
+    cmd = [sys.executable, "-m", "curation.cli", "run", "--pool", str(pool), "--seeds", str(seeds), "--config", config,
            "--out", str(out), "--allow-missing-weights"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tree, env=tree_env(tree), capture_output=True, text=True)
@@ -393,10 +394,16 @@ def main() -> None:
         runs: dict[str, list[dict]] = {label: [] for label in trees}
         if args.run_images:
             pool, seeds = run_inputs(work / "run_inputs", args.run_images)
+            # The same stages in both trees: the older commit's weight-free demo pipeline (each
+            # tree's own demo.yaml may hold other stages); ours' current demo.yaml once besides.
+            config = str(trees["baseline"] / "pipelines" / "demo.yaml") if "baseline" in trees else "demo"
             for r in range(args.run_rounds):
                 for label in (list(trees) if r % 2 == 0 else list(reversed(trees))):
                     print(f"curate run {r + 1}/{args.run_rounds}: {label}", file=sys.stderr, flush=True)
-                    runs[label].append(whole_run(trees[label], pool, seeds, work / f"run-{label}-{r}"))
+                    runs[label].append(whole_run(trees[label], pool, seeds, work / f"run-{label}-{r}", config))
+            if "baseline" in trees:
+                print("curate run: ours, its own demo.yaml", file=sys.stderr, flush=True)
+                runs["ours_own_demo"] = [whole_run(ROOT, pool, seeds, work / "run-ours-own")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -420,7 +427,7 @@ def main() -> None:
         if "baseline" in trees:
             line += f" | {row['baseline_stage_images_per_cpu_s']:>8.1f} {row['baseline_stage_over_bare_cpu']:>6.2f} | {row['ours_over_baseline_cpu']:>11.2f}"
         print(line)
-    for label in ("ours", "baseline"):
+    for label in ("ours", "baseline", "ours_own_demo"):
         if label in whole:
             w = whole[label]
             print(f"curate run ({label}): {w['images']} photos, {w['images_per_s']:.1f} images/s, runs {w['seconds']} s; stages {w['stage_wall_seconds']}")
@@ -439,8 +446,9 @@ def main() -> None:
         "rounds": per_tree,
         "whole_run": whole,
         "notes": "stage: the stage's process() over Parquet shards (reads included); bare: the library call on the same rows; "
-        "ratios are images per CPU-second, ours/bare and ours/before; whole_run: `curate run --config demo --allow-missing-weights` "
-        "wall time including Ray start-up",
+        "ratios are images per CPU-second, ours/bare and ours/before; whole_run: `curate run --config <the older commit's "
+        "pipelines/demo.yaml> --allow-missing-weights` in both trees (the same stages), wall time including Ray start-up; "
+        "ours_own_demo: ours with its current demo.yaml (it adds the local-feature copy detection), once",
     }
     write_result("stages", report, args.out, quick=args.quick)
 
