@@ -9,6 +9,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+# Pipeline YAML (str.format-ready) for decode and a tiny random-init ViT: real embeddings for
+# retrieval tests at the least cost.
+TINY_EMBED_STAGES = """  - kind: decode
+    min_side: 32
+  - kind: embed
+    model: {{type: timm, name: vit_tiny_patch16_224, pretrained: false, img_size: 32}}
+    batch_size: 32
+    rows_per_call: 128
+    cpus_per_worker: 1
+"""
+
 
 def copy_images(src_dir: Path, dst_dir: Path, per_class: int, classes: list[str] | None = None) -> list[Path]:
     out = []

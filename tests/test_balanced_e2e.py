@@ -10,21 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import EXIT_OK, main
-from tests.helpers import copy_images
+from tests.helpers import TINY_EMBED_STAGES, copy_images
 
 PIPELINE = """
 name: balanced-e2e
 seed: 0
 ingest: {{shard_size: 60}}
 stages:
-  - kind: decode
-    min_side: 32
-  - kind: embed
-    model: {{type: timm, name: vit_tiny_patch16_224, pretrained: false, img_size: 32}}
-    batch_size: 32
-    rows_per_call: 128
-    cpus_per_worker: 1
-  - kind: retrieve
+""" + TINY_EMBED_STAGES + """  - kind: retrieve
     clustering: {{clusters: 12, points_per_cluster: 10, resampling_steps: 1, hierarchy: {{levels: [3], resampling_steps: 3}}}}
 seeds_catalog:
   cal:

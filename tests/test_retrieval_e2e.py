@@ -10,7 +10,7 @@ import pytest
 
 from curation.config import load_config
 from curation.runner import RunRequest, run_pipeline
-from tests.helpers import copy_images, manifest
+from tests.helpers import TINY_EMBED_STAGES, copy_images, manifest
 
 # A full Ray run (~1-2 min on 2 shared cores): `pytest -m slow tests/test_retrieval_e2e.py`.
 pytestmark = pytest.mark.slow
@@ -20,14 +20,7 @@ name: retrieval-e2e
 seed: 0
 ingest: {{shard_size: 100}}
 stages:
-  - kind: decode
-    min_side: 32
-  - kind: embed
-    model: {{type: timm, name: vit_tiny_patch16_224, pretrained: false, img_size: 32}}
-    batch_size: 32
-    rows_per_call: 128
-    cpus_per_worker: 1
-  - kind: retrieve
+""" + TINY_EMBED_STAGES + """  - kind: retrieve
     clustering: {{points_per_cluster: 20}}
 seeds_catalog:
   inet:
