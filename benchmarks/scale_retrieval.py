@@ -247,8 +247,10 @@ def planning_figures() -> dict | None:
     if not path.exists():
         return None
     old = json.loads(path.read_text())
-    return {"from": path.name, "date": old.get("date"), "commit": old.get("commit"),
-            **{k: old[k] for k in ("runs", "driver_rss_ratio") if k in old}}
+    figures = old.get("figures", {})
+    sizes = {n: {k: v[k] for k in ("lines", "seconds", "peak_rss_mb", "plan_files") if k in v} for n, v in figures.get("sizes", {}).items()}
+    return {"from": path.name, "date": old.get("date"), "commit": old.get("commit"), "sizes": sizes,
+            "driver_peak_rss_ratio_10m_over_1m": figures.get("peak_rss_ratio_last_over_first")}
 
 
 def main() -> None:

@@ -149,13 +149,13 @@ def test_pair_buckets_find_every_pair_within_the_radius_and_cut_the_comparisons(
     for row, k in enumerate(rng.integers(0, 7, 3000)):  # 0..6 bits flipped
         flips[row, rng.choice(64, k, replace=False)] = 1
     b = a ^ np.packbits(flips, axis=1)
-    pairs = key_scheme(64, 6, 10**6)
+    pairs = key_scheme(64, 6, "pairs")
     assert pairs.describe() == "8 substrings, buckets on 2 of them (28 per code)"
-    assert key_scheme(64, 6, 1000).describe() == "7 substrings, buckets on 1 of them (7 per code)"
+    assert key_scheme(64, 6).describe() == "7 substrings, buckets on 1 of them (7 per code)"
     ka, kb = bucket_keys(a, pairs), bucket_keys(b, pairs)
     assert (ka == kb).any(axis=0).all()  # every pair within radius 6 shares a bucket
     # A random code shares a pair bucket with another far less often than a single-substring one.
-    single = key_scheme(64, 6, 0, "substrings")
+    single = key_scheme(64, 6)
     c = rng.integers(0, 256, (3000, 8), dtype=np.uint8)
     shared = lambda sch: (bucket_keys(a, sch)[:, :, None] == bucket_keys(c, sch)[:, None, :]).any(axis=0).mean()
     assert shared(pairs) < shared(single) / 10

@@ -32,28 +32,28 @@ def hash_dedup_steps(
     columns: tuple[str, ...] | None = None,
     test: Callable | None = None,
     nbits: int = 64,
-    multi_index: str = "auto",
+    multi_index: str = "substrings",
 ) -> list:
     """Steps from codes to drops. ``codes_of(table, ctx)`` gives (uids, packed codes), with a uid
     repeated for each of its ``copies`` codes (a hash and its mirror)."""
 
-    def scheme(state, nbits: int = nbits):
-        return key_scheme(nbits, radius, state.n_rows * copies, multi_index)
+    def scheme(nbits: int = nbits):
+        return key_scheme(nbits, radius, multi_index)
 
     def buckets(table: pa.Table, ctx: TaskContext) -> dict:
         uids, codes = codes_of(table, ctx)
         ctx.count("codes", len(uids))
         if len(uids) == 0:
             return {}
-        keys = scheme(ctx.state, codes.shape[1] * 8)
+        keys = scheme(codes.shape[1] * 8)
         ctx.peak("keys_per_code", len(keys.keys))
         return {"buckets": bucket_rows(uids, codes, keys, ctx.partitions["buckets"])}
 
     def bucket_partitions(s) -> int:
-        return s.partitions_for(s.n_rows * copies * len(scheme(s).keys))
+        return s.partitions_for(s.n_rows * copies * len(scheme().keys))
 
     def pairs(part, ctx: TaskContext) -> dict:
-        return pairs_reduce(part, ctx, radius, method, lambda bits: scheme(ctx.state, bits))
+        return pairs_reduce(part, ctx, radius, method, scheme)
 
     return [
         MapStep("buckets", buckets, [Output("buckets", bucket_partitions)], columns=columns),
@@ -68,8 +68,8 @@ def hash_dedup_steps(
 def hash_summary(counters: dict, nbits: int, radius: int, grouping: str) -> dict:
     """The summary of a partitioned hash stage, with the single-task form's keys where they exist."""
     codes, pairs, keep = counters.get("buckets", {}), counters.get("pairs", {}), counters.get("keep", {})
-    single = key_scheme(nbits, radius, 0, "substrings")
-    used = key_scheme(nbits, radius, 0, "pairs") if codes.get("keys_per_code_max", 0) > len(single.keys) else single
+    single = key_scheme(nbits, radius)
+    used = key_scheme(nbits, radius, "pairs") if codes.get("keys_per_code_max", 0) > len(single.keys) else single
     return {
         "codes": int(codes.get("codes", 0)),
         "edges": int(pairs.get("pairs", 0)),

@@ -19,12 +19,12 @@ as large as the number of codes sharing a substring value; with substrings of ~6
 the partitions stay balanced for hash-like codes (radius 6 on 64 bits: 9-10-bit substrings).
 Time: the code comparisons inside buckets grow as (r+1) N^2 / 2^(64/(r+1)) (FAISS compares a
 bucket's full matrix: N^2 / 80 for radius 6, N^2 / 1,400 for radius 4), ~1 ns each, the one
-super-linear term of the deduplication stages. Beyond ``PAIRS_MIN_CODES`` codes the buckets are
-keyed on *pairs* of r + 2 substrings instead (two codes within r agree on at least 2 of them):
-C(r+2, 2) keys per code (28 at radius 6, 4x the shuffle rows) of ~2 x 64/(r+2) bits, so the
-comparisons fall to ~N^2 / 4,700 at radius 6 and the stage stays near-linear to billions of
-codes; structured codes (PCA hashes of a crawl with a few dominant concepts) fill single-
-substring buckets much more than uniform ones, which the pairs keys also absorb.
+super-linear term of the deduplication stages. ``buckets: pairs`` keys the buckets on *pairs* of
+r + 2 substrings instead (two codes within r agree on at least 2 of them): C(r+2, 2) keys per
+code (28 at radius 6, 4x the shuffle rows) of ~2 x 64/(r+2) bits, so the comparisons fall to
+~N^2 / 4,700 at radius 6. Up to 4M codes that was measured 2.1x slower than single substrings
+(the shuffle and the many small buckets cost more than FAISS-fast comparisons); it is meant for
+crawls where the quadratic term dominates.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ CODE = "code"
 _BUCKET_SALT = 0xB0C4E7
 
 
-# Bucketing on pairs of substrings (below) pays for itself from about this many codes on: it sends
-# (r+2)/2 times the rows through the shuffle but divides the comparisons inside buckets by
-# ~2^(64/(r+2)) / (r+2), the quadratic term that dominates large runs (docs/architecture.md).
-PAIRS_MIN_CODES = 200_000
-PAIRS_MAX_RADIUS = 6  # beyond, C(r+2, 2) keys per code cost more shuffle than they save
+# Buckets on pairs of substrings send (r+2)/2 times the rows through the shuffle and divide the
+# comparisons inside buckets by ~2^(64/(r+2)) / (r+2). Measured up to 4M codes the single
+# substrings still win (their comparisons run in FAISS at ~1 ns; benchmarks/results/
+# scale_hash_buckets-*.json), so pairs are an option for crawls far beyond that, not a default.
+PAIRS_MAX_RADIUS = 6  # beyond, C(r+2, 2) keys per code cost more shuffle than they could save
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,10 @@ class KeyScheme:
         return f"{len(self.bounds)} substrings, buckets on {per} of them ({len(self.keys)} per code)"
 
 
-def key_scheme(nbits: int, radius: int, n_codes: int, mode: str = "auto") -> KeyScheme:
+def key_scheme(nbits: int, radius: int, mode: str = "substrings") -> KeyScheme:
     """Single substrings (r + 1 of them: the classic multi-index hashing) or pairs of r + 2
-    substrings, which ``auto`` picks for large inputs at radii up to 6."""
-    pairs = mode == "pairs" or (mode == "auto" and n_codes > PAIRS_MIN_CODES and 1 <= radius <= PAIRS_MAX_RADIUS)
-    if pairs and nbits >= radius + 2:
+    substrings (radius 1 to 6, codes of at least r + 2 bits; otherwise single substrings)."""
+    if mode == "pairs" and 1 <= radius <= PAIRS_MAX_RADIUS and nbits >= radius + 2:
         bounds = _cuts(nbits, radius + 2)
         return KeyScheme(bounds, tuple(itertools.combinations(range(len(bounds)), 2)))
     bounds = _cuts(nbits, max(1, min(radius + 1, nbits)))
@@ -79,7 +78,7 @@ def key_scheme(nbits: int, radius: int, n_codes: int, mode: str = "auto") -> Key
 
 def substring_bounds(nbits: int, radius: int) -> list[tuple[int, int]]:
     """r + 1 disjoint bit ranges covering the code (fewer when the code has fewer bits)."""
-    return list(key_scheme(nbits, radius, 0, "substrings").bounds)
+    return list(key_scheme(nbits, radius).bounds)
 
 
 def _cuts(nbits: int, m: int) -> tuple[tuple[int, int], ...]:
@@ -93,7 +92,7 @@ def bucket_keys(codes: np.ndarray, scheme: KeyScheme | int) -> np.ndarray:
     codes = np.ascontiguousarray(codes, np.uint8)
     n, nbytes = codes.shape
     if isinstance(scheme, int):
-        scheme = key_scheme(nbytes * 8, scheme, 0, "substrings")
+        scheme = key_scheme(nbytes * 8, scheme)
     bits = np.unpackbits(codes, axis=1)
     words = []
     for a, b in scheme.bounds:
@@ -181,7 +180,7 @@ def pairs_reduce(part, ctx, radius: int, method: str = "auto", scheme_of=None) -
     """Reduce of one bucket partition: edges of every pair within ``radius`` it owns.
     ``scheme_of(nbits)`` gives the map step's key scheme (default: single substrings)."""
     mine, partitions = ctx.task, ctx.input_partitions
-    scheme_of = scheme_of or (lambda nbits: key_scheme(nbits, radius, 0, "substrings"))
+    scheme_of = scheme_of or (lambda nbits: key_scheme(nbits, radius))
 
     def first_bucket_here(codes: np.ndarray) -> np.ndarray:
         return partition_of(bucket_keys(codes, scheme_of(codes.shape[1] * 8))[0].view(np.int64), partitions) == mine
