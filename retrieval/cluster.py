@@ -129,17 +129,22 @@ def hierarchy_levels(n_clusters: int, clusters_configured: int, levels: list[int
     return out
 
 
-def fit_hierarchy(centroids: np.ndarray, levels: list[int], *, resampling_steps: int, resample_size: int | None, niter: int, seed: int, gpu) -> list[np.ndarray]:
-    """Parent arrays of the upper levels (``parents[j][c]``: level-(j+2) cluster of level-(j+1)
-    cluster c), fitted on the level-1 centroids alone."""
+def fit_hierarchy(centroids: np.ndarray, levels: list[int], *, clusters_configured: int, resampling_steps: int, resample_size: int | None,
+                  niter: int, seed: int, gpu) -> tuple[list[int], list[np.ndarray]]:
+    """(levels used, parent arrays) of the configured upper ``levels`` scaled to these centroids
+    (``hierarchy_levels``); ``parents[j][c]`` is the level-(j+2) cluster of level-(j+1) cluster c.
+    Fitted on the level-1 centroids alone."""
     from retrieval.hierarchical_kmeans import upper_levels
 
+    used = hierarchy_levels(len(centroids), clusters_configured, levels)
+    if not used:
+        return [], []
     sizes, below = [], len(centroids)
-    for k in levels:
+    for k in used:
         sizes.append(resample_size or max(1, round(0.5 * below / k)))  # half the mean cluster size (ssl-data-curation)
         below = k
-    fitted = upper_levels(centroids, levels, resampling_steps=resampling_steps, sample_size=sizes, niter=niter, seed=seed, spherical=True, gpu=gpu)
-    return [parent for _, parent in fitted]
+    fitted = upper_levels(centroids, used, resampling_steps=resampling_steps, sample_size=sizes, niter=niter, seed=seed, spherical=True, gpu=gpu)
+    return used, [parent for _, parent in fitted]
 
 
 def balanced_rng(seed: int, dataset: str) -> np.random.Generator:
@@ -147,17 +152,19 @@ def balanced_rng(seed: int, dataset: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(dataset.encode())])
 
 
-def balanced_limits(sizes: np.ndarray, seeds_per_cluster: np.ndarray, parents: list[np.ndarray], *, min_seeds: int, per_cluster: int, cap: int, rng: np.random.Generator):
-    """(selected clusters, images each gives, capped): the clusters holding more than
-    ``min_seeds`` seeds, each able to give min(size, per_cluster), sampled down to ``cap``
+def balanced_limits(sizes: np.ndarray, seeds_per_cluster: np.ndarray, parents: list[np.ndarray], *, min_seeds: int, per_cluster: int,
+                    cap: int, seed: int, dataset: str, pick: str):
+    """(selected clusters, images each gives, capped, summary facts): the clusters holding more
+    than ``min_seeds`` seeds, each able to give min(size, per_cluster), sampled down to ``cap``
     balanced top-down over the hierarchy (``parents``; empty = evenly over the clusters)."""
     from retrieval.hierarchical_kmeans import balanced_quotas
 
     selected = np.flatnonzero(seeds_per_cluster > min_seeds)
     capacity = np.zeros(len(sizes), np.int64)
     capacity[selected] = np.minimum(sizes[selected], per_cluster)
-    quota = balanced_quotas(capacity, parents, cap, rng)
-    return selected.astype(np.int64), quota[selected], bool(capacity.sum() > cap)
+    quota = balanced_quotas(capacity, parents, cap, balanced_rng(seed, dataset))
+    facts = {"sampling": "balanced", "pick": pick, **top_level_spread(quota, parents)}
+    return selected.astype(np.int64), quota[selected], bool(capacity.sum() > cap), facts
 
 
 def top_level_spread(limits_full: np.ndarray, parents: list[np.ndarray]) -> dict:

@@ -45,9 +45,7 @@ def hash_dedup_steps(
         ctx.count("codes", len(uids))
         if len(uids) == 0:
             return {}
-        keys = scheme(codes.shape[1] * 8)
-        ctx.peak("keys_per_code", len(keys.keys))
-        return {"buckets": bucket_rows(uids, codes, keys, ctx.partitions["buckets"])}
+        return {"buckets": bucket_rows(uids, codes, scheme(codes.shape[1] * 8), ctx.partitions["buckets"])}
 
     def bucket_partitions(s) -> int:
         return s.partitions_for(s.n_rows * copies * len(scheme().keys))
@@ -65,11 +63,10 @@ def hash_dedup_steps(
     ]
 
 
-def hash_summary(counters: dict, nbits: int, radius: int, grouping: str) -> dict:
+def hash_summary(counters: dict, nbits: int, radius: int, grouping: str, multi_index: str) -> dict:
     """The summary of a partitioned hash stage, with the single-task form's keys where they exist."""
     codes, pairs, keep = counters.get("buckets", {}), counters.get("pairs", {}), counters.get("keep", {})
-    single = key_scheme(nbits, radius)
-    used = key_scheme(nbits, radius, "pairs") if codes.get("keys_per_code_max", 0) > len(single.keys) else single
+    used = key_scheme(nbits, radius, multi_index)
     return {
         "codes": int(codes.get("codes", 0)),
         "edges": int(pairs.get("pairs", 0)),
@@ -79,6 +76,6 @@ def hash_summary(counters: dict, nbits: int, radius: int, grouping: str) -> dict
         "radius": radius,
         "grouping": grouping,
         "index": f"multi-index hashing ({used.describe()}), partitioned",
-        "keys_per_code": int(codes.get("keys_per_code_max", 0)),
+        "keys_per_code": len(used.keys),
         "largest_bucket_partition_rows": int(pairs.get("partition_rows_max", 0)),
     }

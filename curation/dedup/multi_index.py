@@ -76,23 +76,15 @@ def key_scheme(nbits: int, radius: int, mode: str = "substrings") -> KeyScheme:
     return KeyScheme(bounds, tuple((t,) for t in range(len(bounds))))
 
 
-def substring_bounds(nbits: int, radius: int) -> list[tuple[int, int]]:
-    """r + 1 disjoint bit ranges covering the code (fewer when the code has fewer bits)."""
-    return list(key_scheme(nbits, radius).bounds)
-
-
 def _cuts(nbits: int, m: int) -> tuple[tuple[int, int], ...]:
     cuts = np.linspace(0, nbits, m + 1).round().astype(int)
     return tuple((int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]))
 
 
-def bucket_keys(codes: np.ndarray, scheme: KeyScheme | int) -> np.ndarray:
-    """uint64 [keys, n]: the bucket of every code for every key (key number and its bits hashed).
-    An int is a radius: the single-substring scheme."""
+def bucket_keys(codes: np.ndarray, scheme: KeyScheme) -> np.ndarray:
+    """uint64 [keys, n]: the bucket of every code for every key (key number and its bits hashed)."""
     codes = np.ascontiguousarray(codes, np.uint8)
-    n, nbytes = codes.shape
-    if isinstance(scheme, int):
-        scheme = key_scheme(nbytes * 8, scheme)
+    n = codes.shape[0]
     bits = np.unpackbits(codes, axis=1)
     words = []
     for a, b in scheme.bounds:
@@ -111,7 +103,7 @@ def bucket_keys(codes: np.ndarray, scheme: KeyScheme | int) -> np.ndarray:
     return np.stack(keys) if keys else np.zeros((0, n), np.uint64)
 
 
-def bucket_rows(uids: np.ndarray, codes: np.ndarray, scheme: KeyScheme | int, partitions: int) -> pa.Table:
+def bucket_rows(uids: np.ndarray, codes: np.ndarray, scheme: KeyScheme, partitions: int) -> pa.Table:
     """One row (uid, code) per code and key, keyed by the partition of its bucket."""
     codes = np.ascontiguousarray(codes, np.uint8)
     keys = bucket_keys(codes, scheme)
@@ -176,14 +168,15 @@ class _DistinctCodes:
         return a[a != b], b[a != b]
 
 
-def pairs_reduce(part, ctx, radius: int, method: str = "auto", scheme_of=None) -> dict:
+def pairs_reduce(part, ctx, radius: int, method: str, scheme_of) -> dict:
     """Reduce of one bucket partition: edges of every pair within ``radius`` it owns.
-    ``scheme_of(nbits)`` gives the map step's key scheme (default: single substrings)."""
+    ``scheme_of(nbits)`` gives the map step's key scheme."""
     mine, partitions = ctx.task, ctx.input_partitions
-    scheme_of = scheme_of or (lambda nbits: key_scheme(nbits, radius))
 
     def first_bucket_here(codes: np.ndarray) -> np.ndarray:
-        return partition_of(bucket_keys(codes, scheme_of(codes.shape[1] * 8))[0].view(np.int64), partitions) == mine
+        scheme = scheme_of(codes.shape[1] * 8)
+        first = KeyScheme(scheme.bounds, scheme.keys[:1])  # only the first key decides ownership
+        return partition_of(bucket_keys(codes, first)[0].view(np.int64), partitions) == mine
 
     distinct = _DistinctCodes(first_bucket_here)
     rows = 0

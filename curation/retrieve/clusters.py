@@ -19,7 +19,7 @@ import pyarrow as pa
 from curation import schema
 from curation.partitioned.files import with_partition
 from curation.partitioned.steps import AggregateStep, Artifact, MapStep, Output, ReduceStep, TaskContext
-from retrieval.cluster import balanced_limits, balanced_rng, cluster_params, fit_hierarchy, hierarchy_levels, rank_in_cluster, top_level_spread
+from retrieval.cluster import balanced_limits, cluster_params, fit_hierarchy, rank_in_cluster
 from retrieval.hierarchical_kmeans import kmeans_with_resampling, pick_rank
 from retrieval.kmeans import assign, kmeans
 
@@ -77,9 +77,8 @@ def cluster_steps(stage, recipes, cluster_sets, n_pool, n_seeds, clusters_of, po
         else:
             centroids = kmeans(xt, k, niter=c.niter, seed=seed_value, spherical=True, gpu=cfg.index.gpu,
                                max_points_per_centroid=c.max_points_per_centroid).centroids
-        levels = hierarchy_levels(k, c.clusters, c.hierarchy.levels)
-        parents = fit_hierarchy(centroids, levels, resampling_steps=c.hierarchy.resampling_steps, resample_size=c.hierarchy.resample_size,
-                                niter=c.niter, seed=seed_value, gpu=cfg.index.gpu) if levels else []
+        levels, parents = fit_hierarchy(centroids, c.hierarchy.levels, clusters_configured=c.clusters, resampling_steps=c.hierarchy.resampling_steps,
+                                        resample_size=c.hierarchy.resample_size, niter=c.niter, seed=seed_value, gpu=cfg.index.gpu)
         facts = {"clusters": int(k), "rule": params.rule.split(";")[0], "resampling_steps": c.resampling_steps,
                  "levels": [int(k)] + levels, "train_rows": int(len(xt)), "seconds": round(time.perf_counter() - t0, 3)}
         arrays = {"centroids": np.asarray(centroids, np.float32), **{f"parent{j}": p for j, p in enumerate(parents)}}
@@ -140,12 +139,8 @@ def cluster_steps(stage, recipes, cluster_sets, n_pool, n_seeds, clusters_of, po
             params = cluster_params(n_pool(ctx.state), int(r.get("per_cluster", 10_000)), c.clusters, c.points_per_cluster)
             balanced = {}
             if r.get("sampling") == "balanced":
-                parents = parents_of(ctx)
-                selected, limit, capped = balanced_limits(sizes, spc, parents, min_seeds=min_seeds, per_cluster=params.per_cluster,
-                                                          cap=cap, rng=balanced_rng(seed_value, name))
-                full = np.zeros(C, np.int64)
-                full[selected] = limit
-                balanced = {"sampling": "balanced", "pick": r.get("pick", "random"), **top_level_spread(full, parents)}
+                selected, limit, capped, balanced = balanced_limits(sizes, spc, parents_of(ctx), min_seeds=min_seeds, per_cluster=params.per_cluster,
+                                                                    cap=cap, seed=seed_value, dataset=name, pick=r.get("pick", "random"))
             else:
                 selected = np.flatnonzero(spc > min_seeds)
                 limit, capped = quota(sizes, spc, selected, params.per_cluster, cap)

@@ -172,7 +172,7 @@ class PcaHashStage(GlobalStage):
         ]
 
     def partitioned_summary(self, counters, facts):
-        summary = hash_summary(counters, self.config.bits, self.config.radius, self.config.grouping)
+        summary = hash_summary(counters, self.config.bits, self.config.radius, self.config.grouping, self.config.buckets)
         b = counters.get("buckets", {})
         summary.update(
             {

@@ -140,7 +140,7 @@ class PhashDedupStage(GlobalStage):
         )
 
     def partitioned_summary(self, counters, facts):
-        summary = hash_summary(counters, 64, self.config.radius, self.config.grouping)
+        summary = hash_summary(counters, 64, self.config.radius, self.config.grouping, self.config.buckets)
         summary["skipped_no_hash"] = int(counters.get("buckets", {}).get("skipped_no_hash", 0))
         return summary
 

@@ -36,10 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from curation import schema
 from curation.index_settings import IndexSettings
 from curation.stage import GlobalResult, GlobalStage, Resources, StageConfig, empty_drops, make_drops
-from retrieval.cluster import (
-    PAPER_CLUSTERS, ClusterRetrieval, balanced_limits, balanced_rng, cluster_params, cluster_retrieval, fit_hierarchy, hierarchy_levels,
-    top_level_spread,
-)
+from retrieval.cluster import PAPER_CLUSTERS, ClusterRetrieval, balanced_limits, cluster_params, cluster_retrieval, fit_hierarchy
 from retrieval.hierarchical_kmeans import kmeans_with_resampling, pick_rank
 from retrieval.kmeans import assign, kmeans
 from retrieval.provenance import Provenance, provenance
@@ -262,9 +259,8 @@ class RetrieveStage(GlobalStage):
         else:
             km = kmeans(pool, params.clusters, niter=c.niter, seed=self.context.seed, spherical=True, gpu=self.config.index.gpu, max_points_per_centroid=c.max_points_per_centroid)
             centroids, labels, scores = km.centroids, km.labels, km.scores
-        levels = hierarchy_levels(len(centroids), c.clusters, c.hierarchy.levels)
-        parents = fit_hierarchy(centroids, levels, resampling_steps=c.hierarchy.resampling_steps, resample_size=c.hierarchy.resample_size,
-                                niter=c.niter, seed=self.context.seed, gpu=self.config.index.gpu) if levels else []
+        levels, parents = fit_hierarchy(centroids, c.hierarchy.levels, clusters_configured=c.clusters, resampling_steps=c.hierarchy.resampling_steps,
+                                        resample_size=c.hierarchy.resample_size, niter=c.niter, seed=self.context.seed, gpu=self.config.index.gpu)
         clusters_rule = params.rule.split(";")[0]
         log.info("retrieve: pool k-means with C=%d (%s), levels above: %s", params.clusters, clusters_rule, levels)
         summary["pool_clustering"] = {
@@ -285,7 +281,8 @@ class RetrieveStage(GlobalStage):
         min_seeds, cap = int(recipe.get("min_seeds", 3)), int(recipe.get("cap", 1_000_000))
         balanced = {}
         if recipe.get("sampling") == "balanced":
-            r, balanced = self._balanced(recipe, labels, scores, seed_labels, len(centroids), parents, pool_uids, name, params.per_cluster)
+            r, balanced = self._balanced(recipe, labels, scores, seed_labels, len(centroids), parents, pool_uids, name,
+                                         min_seeds=min_seeds, per_cluster=params.per_cluster, cap=cap)
         else:
             r = cluster_retrieval(labels, scores, seed_labels, len(centroids), min_seeds=min_seeds, per_cluster=params.per_cluster, cap=cap)
         m = self.config.max_seed_links
@@ -311,20 +308,20 @@ class RetrieveStage(GlobalStage):
             "collisions": 0,
         }
 
-    def _balanced(self, recipe: dict, labels, scores, seed_labels, n_clusters: int, parents, pool_uids, name: str, per_cluster: int):
+    def _balanced(self, recipe: dict, labels, scores, seed_labels, n_clusters: int, parents, pool_uids, name: str, *,
+                  min_seeds: int, per_cluster: int, cap: int):
         """Hierarchical balanced sampling of the selected clusters down to ``cap`` images."""
+        pick = recipe.get("pick", "random")
         sizes = np.bincount(labels, minlength=n_clusters)
         spc = np.bincount(np.asarray(seed_labels, np.int64), minlength=n_clusters)
-        selected, limits, capped = balanced_limits(
-            sizes, spc, parents, min_seeds=int(recipe.get("min_seeds", 3)), per_cluster=per_cluster,
-            cap=int(recipe.get("cap", 1_000_000)), rng=balanced_rng(self.context.seed, name),
+        selected, limits, capped, facts = balanced_limits(
+            sizes, spc, parents, min_seeds=min_seeds, per_cluster=per_cluster, cap=cap, seed=self.context.seed, dataset=name, pick=pick,
         )
         full = np.zeros(n_clusters, np.int64)
         full[selected] = limits
-        rank = pick_rank(labels, pool_uids, scores, recipe.get("pick", "random"), self.context.seed)
+        rank = pick_rank(labels, pool_uids, scores, pick, self.context.seed)
         idx = np.flatnonzero(rank < full[labels])
-        r = ClusterRetrieval(idx.astype(np.int64), np.asarray(labels, np.int64)[idx], selected, spc, capped)
-        return r, {"sampling": "balanced", "pick": recipe.get("pick", "random"), **top_level_spread(full, parents)}
+        return ClusterRetrieval(idx.astype(np.int64), np.asarray(labels, np.int64)[idx], selected, spc, capped), facts
 
     # -- provenance -----------------------------------------------------------------------
     def _provenance(self, arrays, table: pa.Table, pool_rows: np.ndarray):
