@@ -102,7 +102,7 @@ def pipeline_keeper(feats: list, edges: np.ndarray, hash_keeper: np.ndarray, ite
     alive = hash_keeper == np.arange(n)
     e = edges[alive[edges[:, 0]] & alive[edges[:, 1]]]
     labels = connected_components(n, e[:, 0], e[:, 1])
-    passes = DirectVerdicts(cfg.verify, cfg.mirror, feats).passes  # the stage's own star test
+    passes = DirectVerdicts(cfg.verify, cfg.mirror, feats, relay_coverage=cfg.relay_coverage).passes  # the stage's own star test
     local_keeper = star_keepers(labels, np.array([it.get("area", 0) for it in items], np.float64), np.arange(n), passes)
     return local_keeper[hash_keeper]  # a pHash drop follows its kept image into the second stage
 
@@ -130,15 +130,17 @@ def hard_negative_photos(photos: list[Path], count: int, rng: random.Random) -> 
 
 
 def drop_counts(n: int, src, dst, items: list[dict], keeper=None) -> dict:
-    """Distractors and hard negatives that the keep rule (largest area, then first) drops, or
-    that ``keeper`` (star grouping) drops."""
+    """Distractors and hard negatives that the keep rule (largest area, then first), or
+    ``keeper`` (star grouping), drops in place of an image of another group (a labelled source
+    duplicate dropped in place of its twin is a right drop)."""
     if keeper is None:
         labels = connected_components(n, np.asarray(src, np.int64), np.asarray(dst, np.int64))
         area = np.array([it.get("area", 0) for it in items], np.float64)
         keepers = pick_keepers(labels, area, np.arange(n))
     else:
         keepers = np.asarray(keeper)
-    dropped = keepers != np.arange(n)
+    group = np.array([it["group"] for it in items])
+    dropped = group[keepers] != group
     kind = np.array([it["transform"] for it in items])
     out = {}
     for name in ("distractor", "hard_negative"):

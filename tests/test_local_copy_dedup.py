@@ -245,3 +245,41 @@ def test_star_grouping_never_drops_a_photo_only_chained_to_the_kept_one(tmp_path
     details = json.loads(d1.column("drop_details")[0].as_py())
     assert details["kept_uid"] in (uid_of(5, 3), uid_of(6, 3)) and details["verified"]
     assert single["summary"]["grouping"] == parted["summary"]["grouping"] == "star"
+
+
+def screenshot_of(img: Image.Image) -> Image.Image:
+    """A 1280x800 page with the photo 300 px high in it (larger than the photo: kept first)."""
+    page = Image.new("RGB", (1280, 800), (245, 245, 245))
+    shot = img.resize((int(img.width * 300 / img.height), 300))
+    page.paste(shot, ((1280 - shot.width) // 2, 80))
+    return page
+
+
+def small_crop_of(img: Image.Image) -> Image.Image:
+    """The middle 36% of the photo at 96 px wide, re-encoded at quality 25."""
+    w, h = img.size
+    crop = img.crop((int(w * 0.2), int(h * 0.2), int(w * 0.8), int(h * 0.8)))
+    return Image.open(io.BytesIO(jpeg(crop.resize((96, int(96 * crop.height / crop.width))), 25)))
+
+
+def test_star_relay_drops_a_small_crop_through_the_photo_inside_a_kept_screenshot(tmp_path, photos):
+    """A screenshot of a photo is the largest image and is kept; the photo verifies against it
+    and lies whole inside it. A small re-encoded crop of the photo fails against the screenshot
+    (the photo is a fraction of its thumbnail) but verifies against the photo: through that
+    relay it is dropped in the screenshot's place, the ledger naming the relay, in both forms.
+    With ``relay_coverage: null`` the crop is kept."""
+    photo = photos[4]
+    blobs = [jpeg(p) for p in photos[:4]] + [jpeg(photo), jpeg(screenshot_of(photo)), jpeg(small_crop_of(photo), 95)]
+    table = stage_table(blobs)
+    star = {**EXACT, "grouping": "star"}
+    _, direct, _ = run_stage(tmp_path / "direct", table, {**star, "relay_coverage": None})
+    assert direct.column("uid").to_pylist() == [uid_of(4)]  # the photo, in the screenshot's place
+    (single, d1, l1), (parted, d2, l2) = both_forms(tmp_path / "relay", table, LocalCopyDedupStage, star,
+                                                     shard_rows=3, max_partition_rows=3000, map_task_rows=4)
+    assert d1.equals(d2) and l1.equals(l2)
+    details = {u: json.loads(d) for u, d in zip(d1.column("uid").to_pylist(), d1.column("drop_details").to_pylist())}
+    assert set(details) == {uid_of(4, 3), uid_of(6, 3)}
+    crop = details[uid_of(6, 3)]
+    assert crop["kept_uid"] == uid_of(5, 3) and crop["via_uid"] == uid_of(4, 3) and crop["verified"]
+    assert crop["inliers"] >= 12 and crop["via_inliers"] >= 12 and 0.05 < crop["transform"]["scale"] < 1
+    assert "via_uid" not in details[uid_of(4, 3)]

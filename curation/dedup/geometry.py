@@ -43,7 +43,7 @@ class VerifySettings(BaseModel):
     reprojection_px: float = Field(6.0, gt=0, description="RANSAC inlier threshold, pixels of the downscaled feature image")
     min_inliers: int = Field(12, ge=4, description="inlier matches needed")
     min_inlier_ratio: float = Field(0.6, ge=0, le=1, description="inliers / tentative matches needed")
-    min_coverage: float = Field(0.1, ge=0, le=1, description="area share of the inliers' bounding box, in the image where it is larger")
+    min_coverage: float = Field(0.2, ge=0, le=1, description="area share of the inliers' bounding box, in the image where it is larger")
     min_agreement: float = Field(0.6, ge=-1, le=1, description="correlation of the two thumbnails' fine detail over the overlap (pixel_agreement)")
     max_scale: float = Field(8.0, ge=1, description="largest scale change (either way) a copy may have")
     max_anisotropy: float = Field(2.0, ge=1, description="largest ratio of the transform's singular values")
@@ -61,6 +61,7 @@ class Verdict:
     matrix: np.ndarray | None = None  # 2x3 (or 3x3 for a homography): a's pixels -> b's
     reason: str = "too_few_matches"
     agreement: float | None = None  # pixel_agreement, computed once the geometry passed
+    source_coverage: float = 0.0  # area share of the inliers' bounding box in a's own frame
 
     @property
     def inlier_ratio(self) -> float:
@@ -193,8 +194,9 @@ def verify_once(a: Features, b: Features, s: VerifySettings, mirrored: bool = Fa
     if m is None:
         return Verdict(False, 0, n, mirrored=mirrored, reason="no_transform")
     k = int(inl.sum())
-    coverage = max(_coverage(src[inl], a.width, a.height), _coverage(dst[inl], b.width, b.height))
-    verdict = Verdict(False, k, n, coverage, mirrored, np.asarray(m, np.float64))
+    own = _coverage(src[inl], a.width, a.height)
+    coverage = max(own, _coverage(dst[inl], b.width, b.height))
+    verdict = Verdict(False, k, n, coverage, mirrored, np.asarray(m, np.float64), source_coverage=own)
     problem = _plausible(verdict.matrix, s)
     if problem is None and k < s.min_inliers:
         problem = "too_few_inliers"

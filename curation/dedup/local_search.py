@@ -49,7 +49,7 @@ class CandidateSearch(BaseModel):
     max_keypoints: int = Field(256, ge=8, description="strongest keypoints of each image used (at most what local_features stored)")
     neighbours: int = Field(16, ge=1, description="nearest descriptors of other images searched per descriptor")
     min_similarity: float = Field(0.9, ge=-1, le=1, description="cosine of two descriptors below which they do not vote")
-    max_recurrence: int = Field(6, ge=1, description="a descriptor matched in more other images than this is a template "
+    max_recurrence: int = Field(10, ge=1, description="a descriptor matched in more other images than this is a template "
                                 "(app frame, watermark, overlaid emoji or text) and does not vote; below `neighbours`")
     min_votes: int = Field(4, ge=1, description="votes (distinct keypoints) a partner needs to become a candidate")
     max_candidates: int = Field(16, ge=1, description="candidate partners each image proposes, most votes first")

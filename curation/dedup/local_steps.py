@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import schema
-from curation.dedup.geometry import VerifySettings, verify_pair
+from curation.dedup.geometry import Verdict, VerifySettings, verify_pair
 from curation.dedup.local_features import column_features, from_row
 from curation.dedup.local_search import (
     CandidateSearch,
@@ -255,15 +255,31 @@ def candidate_steps(features: str, s: CandidateSearch, mirror: bool, seed: int, 
 # -- the keep rule's evidence ----------------------------------------------------------------------
 class DirectVerdicts:
     """Verifies every dropped image against the image kept in its place, so that the ledger gives
-    the direct evidence (inliers, transform), never that of an intermediate image. Verdicts are
+    the evidence between the two, never that of some other member of the component. Verdicts are
     cached by (candidate, kept) index: the star rule's test (``passes``) and the ledger's
-    evidence verify each pair once."""
+    evidence verify each pair once.
 
-    def __init__(self, settings: VerifySettings, mirror: bool, feats: list | None = None, uids: np.ndarray | None = None):
+    With ``relay_coverage``, a candidate that fails against the kept image is still dropped in its
+    place when it verifies against a *relay*: a member already dropped there whose inliers cover
+    at least that share of the relay itself, so that the relay lies whole inside the kept image.
+    A copy of the relay is then a copy of part of the kept image: a small re-encoded crop of a
+    photo when a screenshot of that photo is kept, whose features are too few to meet the
+    screenshot's downscaled copy. A collage of two unrelated photos is no relay (each photo
+    covers about half of it), so the second photo is never dropped through it. The ledger names
+    the relay (``via_uid``), gives the candidate's inliers against it and the transform composed
+    through it to the kept image."""
+
+    MAX_RELAYS = 8  # relays tried per kept image, in keep order
+
+    def __init__(self, settings: VerifySettings, mirror: bool, feats: list | None = None, uids: np.ndarray | None = None,
+                 relay_coverage: float | None = None):
         self.settings, self.mirror = settings, mirror
         self.feats, self.uids = feats, uids
+        self.relay_coverage = relay_coverage
         self.details: dict[int, dict] = {}
         self._verdicts: dict[tuple[int, int], object] = {}
+        self._relays: dict[int, list[int]] = {}
+        self._via: dict[tuple[int, int], int] = {}
 
     def verdict(self, d: int, k: int):
         key = (int(d), int(k))
@@ -272,19 +288,49 @@ class DirectVerdicts:
         return self._verdicts[key]
 
     def passes(self, kept: int, cand: np.ndarray) -> np.ndarray:
-        """The star rule's test: each candidate verified geometrically against the kept image."""
-        return np.array([self.verdict(c, kept).ok for c in cand], bool)
+        """The star rule's test: each candidate verified against the kept image, or a relay."""
+        ok = np.array([self.verdict(c, kept).ok for c in cand], bool)
+        if self.relay_coverage is None:
+            return ok
+        relays = self._relays.setdefault(int(kept), [])
+        for c in cand[ok]:
+            if len(relays) < self.MAX_RELAYS and self.verdict(c, kept).source_coverage >= self.relay_coverage:
+                relays.append(int(c))
+        for j in np.flatnonzero(~ok):
+            via = next((r for r in relays if self.verdict(cand[j], r).ok), None)
+            if via is not None:
+                ok[j] = True
+                self._via[(int(cand[j]), int(kept))] = via
+        return ok
 
     def inliers(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
         out = np.zeros(len(dropped), np.int64)
         for i, (d, k) in enumerate(zip(dropped, kept)):
-            verdict = self.verdict(d, k)
+            via = self._via.get((int(d), int(k)))
+            verdict = self.verdict(d, k if via is None else via)
             out[i] = verdict.inliers
-            self.details[int(self.uids[d])] = verdict.details(self.settings.model)
+            details = verdict.details(self.settings.model)
+            if via is not None:
+                hop = self.verdict(via, k)
+                details.update(via_uid=int(self.uids[via]), via_inliers=int(hop.inliers),
+                               transform=composed_transform(verdict, hop, self.settings.model))
+            self.details[int(self.uids[d])] = details
         return out
 
     def enrich(self, drops: pa.Table) -> pa.Table:
         return merge_details(drops, self.details)
+
+
+def composed_transform(first, second, model: str) -> dict:
+    """The transform of ``first`` (a -> relay) followed by ``second`` (relay -> kept), for the
+    ledger: a's pixels -> the kept image's."""
+    def full(v):
+        m = v.matrix
+        return m if m.shape[0] == 3 else np.vstack([m, [0.0, 0.0, 1.0]])
+
+    m = full(second) @ full(first)
+    composed = Verdict(True, matrix=m if model == "homography" else m[:2], mirrored=first.mirrored != second.mirrored)
+    return composed.transform(model)
 
 
 def merge_details(drops: pa.Table, extra: dict[int, dict]) -> pa.Table:
