@@ -7,7 +7,9 @@ kept image they are: A~B and B~C drop C as a copy of A even when A and C fail th
 ``star``: inside each component, the best remaining image (same order) is kept and drops only
 the remaining members that pass the stage's own test *against it* (``passes``: similarity above
 the threshold, Hamming distance within the radius, geometric verification); then the next best
-remaining image, and so on. Every drop is then a direct copy of the image kept in its place.
+remaining image, and so on. Every drop then passes the test against the image kept in its place
+(``local_copy_dedup``'s test also accepts a relay lying whole inside the kept image: see
+``local_steps.DirectVerdicts``).
 
 Components of two need no work (their one edge is the test passing). Larger ones are tested
 rep against remaining members in chunks of ``chunk`` candidates, so a giant component (a chain
