@@ -281,22 +281,29 @@ def source_duplicate_pairs() -> list[tuple[str, str]]:
 
 
 def join_source_duplicates(items: list[dict]) -> list[dict]:
-    """Each item's ``group`` becomes its truth group (labelled source duplicates joined);
-    ``planted`` keeps the group of the original it was made from."""
-    group_of = {str(Path(it["source"]).relative_to(DATA)): it["group"] for it in items if "source" in it}
-    parent = {it["group"]: it["group"] for it in items}
+    """Each item's ``group`` becomes its truth group (labelled source duplicates joined, through
+    chains of labels too: a~b and b~c join a and c when b is not in the set); ``planted`` keeps
+    the group of the original it was made from."""
+    parent: dict = {}
 
-    def root(g: int) -> int:
-        while parent[g] != g:
-            g = parent[g]
-        return g
+    def root(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            x = parent[x]
+        return x
 
     for a, b in source_duplicate_pairs():
-        if a in group_of and b in group_of:
-            ra, rb = sorted((root(group_of[a]), root(group_of[b])))
-            parent[rb] = ra
+        ra, rb = sorted((root(("path", a)), root(("path", b))))
+        parent[rb] = ra
+    for it in items:  # a photo's group joins the class of its path
+        if "source" in it:
+            rg, rp = root(("group", it["group"])), root(("path", str(Path(it["source"]).relative_to(DATA))))
+            if rg != rp:
+                parent[max(rg, rp)] = min(rg, rp)
+    ids: dict = {}
     for it in items:
-        it["planted"], it["group"] = it["group"], root(it["group"])
+        it["planted"] = it["group"]
+        it["group"] = ids.setdefault(root(("group", it["planted"])), it["planted"])
     return items
 
 
@@ -581,7 +588,7 @@ def main() -> None:
     if best_ours:
         print(f"best of ours with group precision >= 0.99: {best_ours['method']} (recall {best_ours['groups']['recall']})")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"dedup_quality-{report['device']}{'-quick' if args.quick else ''}.json"
+    path = args.out / f"dedup_quality-{report['device']}{'-quick' if args.quick else ''}{f'-seed{args.seed}' if args.seed else ''}.json"
     path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
