@@ -102,7 +102,7 @@ def pipeline_keeper(feats: list, edges: np.ndarray, hash_keeper: np.ndarray, ite
     alive = hash_keeper == np.arange(n)
     e = edges[alive[edges[:, 0]] & alive[edges[:, 1]]]
     labels = connected_components(n, e[:, 0], e[:, 1])
-    passes = DirectVerdicts(cfg.verify, cfg.mirror, feats, relay_coverage=cfg.relay_coverage).passes  # the stage's own star test
+    passes = DirectVerdicts(cfg.verify, cfg.mirror, feats, relay_overlap=cfg.relay_overlap).passes  # the stage's own star test
     local_keeper = star_keepers(labels, np.array([it.get("area", 0) for it in items], np.float64), np.arange(n), passes)
     return local_keeper[hash_keeper]  # a pHash drop follows its kept image into the second stage
 

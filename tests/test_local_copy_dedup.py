@@ -263,16 +263,16 @@ def small_crop_of(img: Image.Image) -> Image.Image:
 
 
 def test_star_relay_drops_a_small_crop_through_the_photo_inside_a_kept_screenshot(tmp_path, photos):
-    """A screenshot of a photo is the largest image and is kept; the photo verifies against it
-    and lies whole inside it. A small re-encoded crop of the photo fails against the screenshot
-    (the photo is a fraction of its thumbnail) but verifies against the photo: through that
-    relay it is dropped in the screenshot's place, the ledger naming the relay, in both forms.
-    With ``relay_coverage: null`` the crop is kept."""
+    """A screenshot of a photo is the largest image and is kept; the photo verifies against it.
+    A small re-encoded crop of the photo fails against the screenshot
+    (the photo is a fraction of its thumbnail) but verifies against the photo, inside the part of
+    the photo that matches the screenshot: through that relay it is dropped in the screenshot's place, the ledger naming the relay, in both forms.
+    With ``relay_overlap: null`` the crop is kept."""
     photo = photos[4]
     blobs = [jpeg(p) for p in photos[:4]] + [jpeg(photo), jpeg(screenshot_of(photo)), jpeg(small_crop_of(photo), 95)]
     table = stage_table(blobs)
     star = {**EXACT, "grouping": "star"}
-    _, direct, _ = run_stage(tmp_path / "direct", table, {**star, "relay_coverage": None})
+    _, direct, _ = run_stage(tmp_path / "direct", table, {**star, "relay_overlap": None})
     assert direct.column("uid").to_pylist() == [uid_of(4)]  # the photo, in the screenshot's place
     (single, d1, l1), (parted, d2, l2) = both_forms(tmp_path / "relay", table, LocalCopyDedupStage, star,
                                                      shard_rows=3, max_partition_rows=3000, map_task_rows=4)

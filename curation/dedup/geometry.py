@@ -61,7 +61,8 @@ class Verdict:
     matrix: np.ndarray | None = None  # 2x3 (or 3x3 for a homography): a's pixels -> b's
     reason: str = "too_few_matches"
     agreement: float | None = None  # pixel_agreement, computed once the geometry passed
-    source_coverage: float = 0.0  # area share of the inliers' bounding box in a's own frame
+    source_box: tuple | None = None  # (x0, y0, x1, y1): the inliers' bounding box in a's own (unmirrored) frame
+    target_box: tuple | None = None  # the same in b's frame
 
     @property
     def inlier_ratio(self) -> float:
@@ -150,6 +151,23 @@ def _coverage(xy: np.ndarray, width: int, height: int) -> float:
     return float(span[0] * span[1]) / max(1.0, float(width * height))
 
 
+def _box(xy: np.ndarray) -> tuple | None:
+    if len(xy) == 0:
+        return None
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    return (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
+
+
+def box_inside_share(box: tuple | None, frame: tuple | None) -> float:
+    """The share of ``box``'s area that lies inside ``frame`` (both (x0, y0, x1, y1))."""
+    if box is None or frame is None:
+        return 0.0
+    w = max(0.0, min(box[2], frame[2]) - max(box[0], frame[0]))
+    h = max(0.0, min(box[3], frame[3]) - max(box[1], frame[1]))
+    area = max(1e-9, (box[2] - box[0]) * (box[3] - box[1]))
+    return w * h / area
+
+
 def pixel_agreement(a: Features, b: Features, m: np.ndarray) -> float:
     """Correlation of the two thumbnails' fine detail (each minus its local mean) over their
     overlap under ``m`` (a's pixels -> b's), in the frame of either image (the better of the
@@ -194,9 +212,11 @@ def verify_once(a: Features, b: Features, s: VerifySettings, mirrored: bool = Fa
     if m is None:
         return Verdict(False, 0, n, mirrored=mirrored, reason="no_transform")
     k = int(inl.sum())
-    own = _coverage(src[inl], a.width, a.height)
-    coverage = max(own, _coverage(dst[inl], b.width, b.height))
-    verdict = Verdict(False, k, n, coverage, mirrored, np.asarray(m, np.float64), source_coverage=own)
+    coverage = max(_coverage(src[inl], a.width, a.height), _coverage(dst[inl], b.width, b.height))
+    source_box, target_box = _box(src[inl]), _box(dst[inl])
+    if mirrored and source_box is not None:  # back to a's own frame (Features.mirrored flips x)
+        source_box = ((a.width - 1) - source_box[2], source_box[1], (a.width - 1) - source_box[0], source_box[3])
+    verdict = Verdict(False, k, n, coverage, mirrored, np.asarray(m, np.float64), source_box=source_box, target_box=target_box)
     problem = _plausible(verdict.matrix, s)
     if problem is None and k < s.min_inliers:
         problem = "too_few_inliers"

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import schema
-from curation.dedup.geometry import Verdict, VerifySettings, verify_pair
+from curation.dedup.geometry import Verdict, VerifySettings, box_inside_share, verify_pair
 from curation.dedup.local_features import column_features, from_row
 from curation.dedup.local_search import (
     CandidateSearch,
@@ -259,23 +259,24 @@ class DirectVerdicts:
     cached by (candidate, kept) index: the star rule's test (``passes``) and the ledger's
     evidence verify each pair once.
 
-    With ``relay_coverage``, a candidate that fails against the kept image is still dropped in its
-    place when it verifies against a *relay*: a member already dropped there whose inliers cover
-    at least that share of the relay itself, so that the relay lies whole inside the kept image.
-    A copy of the relay is then a copy of part of the kept image: a small re-encoded crop of a
-    photo when a screenshot of that photo is kept, whose features are too few to meet the
-    screenshot's downscaled copy. A collage of two unrelated photos is no relay (each photo
-    covers about half of it), so the second photo is never dropped through it. The ledger names
-    the relay (``via_uid``), gives the candidate's inliers against it and the transform composed
-    through it to the kept image."""
+    With ``relay_overlap``, a candidate that fails against the kept image is still dropped in its
+    place when it verifies against a *relay*, a member already dropped there, and the part of the
+    relay it matches lies inside the part of the relay that matches the kept image (at least that
+    share of its inliers' bounding box inside the relay's): a copy of that part of the relay is a
+    copy of part of the kept image. So a small re-encoded crop of a photo is dropped in place of a
+    kept screenshot of that photo, whose downscaled features it is too small to meet directly; a
+    photo is never dropped through a collage of it and another photo (it matches the other half
+    of the collage from the half that matched the kept image). The ledger names the relay
+    (``via_uid``), gives the candidate's inliers against it and the transform composed through
+    it to the kept image."""
 
     MAX_RELAYS = 8  # relays tried per kept image, in keep order
 
     def __init__(self, settings: VerifySettings, mirror: bool, feats: list | None = None, uids: np.ndarray | None = None,
-                 relay_coverage: float | None = None):
+                 relay_overlap: float | None = None):
         self.settings, self.mirror = settings, mirror
         self.feats, self.uids = feats, uids
-        self.relay_coverage = relay_coverage
+        self.relay_overlap = relay_overlap
         self.details: dict[int, dict] = {}
         self._verdicts: dict[tuple[int, int], object] = {}
         self._relays: dict[int, list[int]] = {}
@@ -290,18 +291,20 @@ class DirectVerdicts:
     def passes(self, kept: int, cand: np.ndarray) -> np.ndarray:
         """The star rule's test: each candidate verified against the kept image, or a relay."""
         ok = np.array([self.verdict(c, kept).ok for c in cand], bool)
-        if self.relay_coverage is None:
+        if self.relay_overlap is None:
             return ok
         relays = self._relays.setdefault(int(kept), [])
-        for c in cand[ok]:
-            if len(relays) < self.MAX_RELAYS and self.verdict(c, kept).source_coverage >= self.relay_coverage:
-                relays.append(int(c))
+        relays += [int(c) for c in cand[ok]][: self.MAX_RELAYS - len(relays)]
         for j in np.flatnonzero(~ok):
-            via = next((r for r in relays if self.verdict(cand[j], r).ok), None)
+            via = next((r for r in relays if self._through(int(cand[j]), r, int(kept))), None)
             if via is not None:
                 ok[j] = True
                 self._via[(int(cand[j]), int(kept))] = via
         return ok
+
+    def _through(self, c: int, r: int, k: int) -> bool:
+        first = self.verdict(c, r)
+        return first.ok and box_inside_share(first.target_box, self.verdict(r, k).source_box) >= self.relay_overlap
 
     def inliers(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
         out = np.zeros(len(dropped), np.int64)

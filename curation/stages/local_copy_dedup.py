@@ -7,8 +7,8 @@ local_search``). Each candidate pair is verified with OpenCV RANSAC (``curation.
 inlier count, inlier ratio, coverage, a plausible transform); verified pairs are edges,
 connected components are groups of copies, and one image per group is kept with the rule of
 ``copy_dedup`` (largest width*height, then smallest uid); with ``grouping: star`` an image is
-dropped only when it verifies against the very image kept in its place, or against a relay
-lying whole inside it (``relay_coverage``, see ``DirectVerdicts``; ``offline.yaml``). Every
+dropped only when it verifies against the very image kept in its place, or through a relay
+(``relay_overlap``, see ``DirectVerdicts``; ``offline.yaml``). Every
 drop's details name the kept image and give the inliers and the transform found between the
 dropped image and it (through the relay, named, when there is one).
 
@@ -48,9 +48,9 @@ class LocalCopyDedupConfig(GroupingConfig):
     mirror: bool = Field(True, description="also match mirrored descriptors (RootSIFT), so horizontally flipped copies are found")
     search: CandidateSearch = Field(default_factory=CandidateSearch)
     verify: VerifySettings = Field(default_factory=VerifySettings)
-    relay_coverage: float | None = Field(0.6, ge=0, le=1, description="grouping: star only: an image failing against the kept "
-                                         "image is dropped in its place when it verifies against a member dropped there whose inliers "
-                                         "cover this share of that member (it lies whole inside the kept image); null: direct copies only")
+    relay_overlap: float | None = Field(0.5, ge=0, le=1, description="grouping: star only: an image failing against the kept image "
+                                        "is dropped in its place when it verifies against a member dropped there and this share of the "
+                                        "part of that member it matches lies in the part matching the kept image; null: direct copies only")
     gpu: Literal["auto", "never", "always"] = Field("auto", description="coarse quantizer (k-means, list assignment) on a GPU when one is seen")
     reason: str = "local_copy_duplicate"
 
@@ -75,7 +75,7 @@ class LocalCopyDedupStage(GlobalStage):
         found = find_copies(rows.uid, feats, table.num_rows, cfg.search, cfg.verify, cfg.mirror, self.context.seed, cfg.gpu)
         edges = np.searchsorted(rows.uid, found.edges.reshape(-1)).reshape(-1, 2)
         labels = connected_components(len(rows), edges[:, 0], edges[:, 1])
-        direct = DirectVerdicts(cfg.verify, cfg.mirror, feats, rows.uid, cfg.relay_coverage)
+        direct = DirectVerdicts(cfg.verify, cfg.mirror, feats, rows.uid, cfg.relay_overlap)
         passes = direct.passes if cfg.grouping == "star" else None
         drops, groups = duplicate_drops(rows, labels, cfg.reason, "inliers", direct.inliers, passes)
         summary = {
@@ -104,7 +104,7 @@ class LocalCopyDedupStage(GlobalStage):
 
         def keep(table, labels, ctx):  # features decoded once per task, each pair verified once
             direct = DirectVerdicts(cfg.verify, cfg.mirror, column_features(table.column(cfg.features)), table.column(schema.UID).to_numpy(),
-                                    cfg.relay_coverage)
+                                    cfg.relay_overlap)
             test = (lambda members, ctx: direct.passes) if cfg.grouping == "star" else None
             rule = duplicate_keep(cfg.reason, "inliers", lambda members, d, k, ctx: direct.inliers(d, k), test)
             return direct.enrich(rule(table, labels, ctx))
