@@ -44,7 +44,7 @@ class VerifySettings(BaseModel):
     min_inliers: int = Field(12, ge=4, description="inlier matches needed")
     min_inlier_ratio: float = Field(0.6, ge=0, le=1, description="inliers / tentative matches needed")
     min_coverage: float = Field(0.2, ge=0, le=1, description="area share of the inliers' bounding box, in the image where it is larger")
-    min_agreement: float = Field(0.6, ge=-1, le=1, description="correlation of the two thumbnails' fine detail over the overlap (pixel_agreement)")
+    min_agreement: float = Field(0.55, ge=-1, le=1, description="correlation of the two thumbnails' fine detail over the overlap (pixel_agreement)")
     max_scale: float = Field(8.0, ge=1, description="largest scale change (either way) a copy may have")
     max_anisotropy: float = Field(2.0, ge=1, description="largest ratio of the transform's singular values")
 

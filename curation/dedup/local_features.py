@@ -14,7 +14,8 @@ response (strongest first, so a reader may keep only the first n):
   n x 32 bytes (ORB's 256 binary tests).
 
 Bytes per image: n x (4 + 128) for RootSIFT (33.8 kB at 256 keypoints), n x (4 + 32) for ORB,
-plus ~20 bytes of struct overhead, before Parquet's compression.
+plus the 96 x 96 grey thumbnail (9.2 kB) and ~20 bytes of struct overhead (43 kB per image at
+the defaults), before Parquet's compression.
 
 Mirrored copies: the RootSIFT descriptor of a horizontally mirrored patch is the descriptor with
 its 4 x 4 spatial rows reversed and its 8 orientation bins negated (the keypoint's frame reflects
@@ -23,6 +24,8 @@ storage (``mirrored``).
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 from typing import Literal
@@ -33,7 +36,8 @@ import pyarrow as pa
 
 Method = Literal["rootsift", "orb"]
 XY_SCALE = 8.0  # coordinates stored in 1/8 pixel
-THUMB = 48  # side of the grey thumbnail kept for the pixel check of a verified pair
+THUMB = 96  # side of the grey thumbnail kept for the pixel check of a verified pair: at 48 px two
+# different dollar bills (one print design) agreed as well as a copy (benchmarks/dedup_quality.py)
 MAX_SIDE_LIMIT = 8191  # 8191.875 * 8 fits uint16
 SIFT_DIM, ORB_BYTES = 128, 32
 ROOTSIFT_SCALE = 512.0  # RootSIFT components stay below ~0.31 on real photos; 255/512 = 0.498
@@ -144,7 +148,8 @@ def from_row(row: dict | None) -> Features | None:
     xy = np.frombuffer(row["xy"], "<u2").reshape(-1, 2).astype(np.float32) / XY_SCALE
     n = len(xy)
     desc = np.frombuffer(row["desc"], np.uint8)
-    thumb = np.frombuffer(row["thumb"], np.uint8).reshape(THUMB, THUMB) if row.get("thumb") else None
+    raw = np.frombuffer(row["thumb"], np.uint8) if row.get("thumb") else None
+    thumb = raw.reshape(math.isqrt(len(raw)), -1) if raw is not None else None  # any stored side (48 px before)
     return Features(int(row["width"]), int(row["height"]), xy, desc.reshape(n, -1) if n else desc.reshape(0, SIFT_DIM), thumb)
 
 
