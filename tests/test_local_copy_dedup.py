@@ -284,3 +284,11 @@ def test_star_relay_drops_a_small_crop_through_the_photo_inside_a_kept_screensho
     assert crop["kept_uid"] == uid_of(5, 3) and crop["via_uid"] == uid_of(4, 3) and crop["verified"]
     assert crop["inliers"] >= 12 and crop["via_inliers"] >= 12 and 0.05 < crop["transform"]["scale"] < 1
     assert "via_uid" not in details[uid_of(4, 3)]
+
+
+def test_features_stored_with_the_older_48_px_thumbnail_still_read(photos):
+    """Rows written before the thumbnail grew to 96 px (a resumed run) keep their own side."""
+    row = extract([jpeg(photos[0])]).column("local_features")[0].as_py()
+    assert from_row(row).thumb.shape == (96, 96)
+    old = {**row, "thumb": np.zeros((48, 48), np.uint8).tobytes()}
+    assert from_row(old).thumb.shape == (48, 48)
