@@ -84,6 +84,8 @@ from dedup_local import cpu_seconds, drop_counts, local_features_of, local_metho
 
 # -- transformations -----------------------------------------------------------------------
 MIN_SIDE = DecodeConfig.model_fields["min_side"].default  # shorter side below which decode drops an image
+
+
 def _jpeg(img: Image.Image, rng: random.Random) -> Image.Image:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=rng.randint(10, 30))

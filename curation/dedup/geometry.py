@@ -144,18 +144,24 @@ def _plausible(m: np.ndarray, s: VerifySettings) -> str | None:
     return None
 
 
-def _coverage(xy: np.ndarray, width: int, height: int) -> float:
-    if len(xy) == 0:
-        return 0.0
-    span = xy.max(axis=0) - xy.min(axis=0)
-    return float(span[0] * span[1]) / max(1.0, float(width * height))
-
-
 def _box(xy: np.ndarray) -> tuple | None:
+    """(x0, y0, x1, y1): the bounding box of the points, None for none."""
     if len(xy) == 0:
         return None
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     return (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
+
+
+def _coverage(box: tuple | None, width: int, height: int) -> float:
+    """The area share of ``box`` in a width x height image."""
+    if box is None:
+        return 0.0
+    return (box[2] - box[0]) * (box[3] - box[1]) / max(1.0, float(width * height))
+
+
+def homogeneous(m: np.ndarray) -> np.ndarray:
+    """A 2x3 affine as 3x3 (a 3x3 homography as it is)."""
+    return m if m.shape[0] == 3 else np.vstack([m, [0.0, 0.0, 1.0]])
 
 
 def box_inside_share(box: tuple | None, frame: tuple | None) -> float:
@@ -175,10 +181,8 @@ def pixel_agreement(a: Features, b: Features, m: np.ndarray) -> float:
     background pattern, a logo, a font or an app's frame agree there and nowhere else."""
     if a.thumb is None or b.thumb is None:
         return 1.0
-    t = float(a.thumb.shape[0])
-    full = m if m.shape[0] == 3 else np.vstack([m, [0, 0, 1]])
-    to_thumb = lambda f: np.diag([t / f.width, t / f.height, 1.0])  # noqa: E731
-    mt = to_thumb(b) @ full @ np.linalg.inv(to_thumb(a))
+    to_thumb = lambda f: np.diag([f.thumb.shape[1] / f.width, f.thumb.shape[0] / f.height, 1.0])  # noqa: E731  (each its own side)
+    mt = to_thumb(b) @ homogeneous(m) @ np.linalg.inv(to_thumb(a))
     return max(_detail_correlation(a.thumb, b.thumb, mt), _detail_correlation(b.thumb, a.thumb, np.linalg.inv(mt)))
 
 
@@ -212,8 +216,8 @@ def verify_once(a: Features, b: Features, s: VerifySettings, mirrored: bool = Fa
     if m is None:
         return Verdict(False, 0, n, mirrored=mirrored, reason="no_transform")
     k = int(inl.sum())
-    coverage = max(_coverage(src[inl], a.width, a.height), _coverage(dst[inl], b.width, b.height))
     source_box, target_box = _box(src[inl]), _box(dst[inl])
+    coverage = max(_coverage(source_box, a.width, a.height), _coverage(target_box, b.width, b.height))
     if mirrored and source_box is not None:  # back to a's own frame (Features.mirrored flips x)
         source_box = ((a.width - 1) - source_box[2], source_box[1], (a.width - 1) - source_box[0], source_box[3])
     verdict = Verdict(False, k, n, coverage, mirrored, np.asarray(m, np.float64), source_box=source_box, target_box=target_box)

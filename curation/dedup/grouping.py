@@ -8,8 +8,8 @@ kept image they are: A~B and B~C drop C as a copy of A even when A and C fail th
 the remaining members that pass the stage's own test *against it* (``passes``: similarity above
 the threshold, Hamming distance within the radius, geometric verification); then the next best
 remaining image, and so on. Every drop then passes the test against the image kept in its place
-(``local_copy_dedup``'s test also accepts a relay lying whole inside the kept image: see
-``local_steps.DirectVerdicts``).
+(``local_copy_dedup``'s test also accepts a copy of a dropped member's part that matches the
+kept image, a relay: see ``local_steps.DirectVerdicts``).
 
 Components of two need no work (their one edge is the test passing). Larger ones are tested
 rep against remaining members in chunks of ``chunk`` candidates, so a giant component (a chain

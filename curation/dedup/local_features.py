@@ -26,7 +26,6 @@ storage (``mirrored``).
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Literal
 

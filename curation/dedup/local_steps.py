@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import schema
-from curation.dedup.geometry import Verdict, VerifySettings, box_inside_share, verify_pair
+from curation.dedup.geometry import Verdict, VerifySettings, box_inside_share, homogeneous, verify_pair
 from curation.dedup.local_features import column_features, from_row
 from curation.dedup.local_search import (
     CandidateSearch,
@@ -327,11 +327,7 @@ class DirectVerdicts:
 def composed_transform(first, second, model: str) -> dict:
     """The transform of ``first`` (a -> relay) followed by ``second`` (relay -> kept), for the
     ledger: a's pixels -> the kept image's."""
-    def full(v):
-        m = v.matrix
-        return m if m.shape[0] == 3 else np.vstack([m, [0.0, 0.0, 1.0]])
-
-    m = full(second) @ full(first)
+    m = homogeneous(second.matrix) @ homogeneous(first.matrix)
     composed = Verdict(True, matrix=m if model == "homography" else m[:2], mirrored=first.mirrored != second.mirrored)
     return composed.transform(model)
 
