@@ -84,7 +84,7 @@ def local_methods(feats: list, items: list[dict], truth: set, hash_edges: tuple,
     src, dst = np.concatenate([hi, edges[:, 0]]), np.concatenate([hj, edges[:, 1]])
     chained = evaluate("ours offline stages, grouping: components", n, src, dst, items, truth, wall,
                        "offline-pipeline-components", {"phash_dedup": "default", "local_copy_dedup": "default", "grouping": "components"})
-    offline = evaluate("ours offline pipeline (offline.yaml: pHash stars, then local-feature stars)", n, src, dst, items, truth, wall,
+    offline = evaluate("ours offline pipeline (offline.yaml: pHash stars with its band, then local-feature stars)", n, src, dst, items, truth, wall,
                        "offline-pipeline", {"phash_dedup": "offline.yaml", "local_copy_dedup": "offline.yaml", "grouping": "star"},
                        keeper=pipeline_keeper(feats, edges, hash_keeper, items, cfg))
     for r in (local, chained, offline):
@@ -105,6 +105,34 @@ def pipeline_keeper(feats: list, edges: np.ndarray, hash_keeper: np.ndarray, ite
     passes = DirectVerdicts(cfg.verify, cfg.mirror, feats, relay_overlap=cfg.relay_overlap).passes  # the stage's own star test
     local_keeper = star_keepers(labels, np.array([it.get("area", 0) for it in items], np.float64), np.arange(n), passes)
     return local_keeper[hash_keeper]  # a pHash drop follows its kept image into the second stage
+
+
+def offline_hash_stage(hashes: dict, feats: list, items: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """``phash_dedup`` as ``pipelines/offline.yaml`` configures it (radius, flip, star, and its
+    band: pairs beyond ``accept_within`` bits verified with local features), through the stage's
+    own pieces: (edge rows i, j, the image each one is kept in place of, the config)."""
+    import yaml
+
+    from curation.dedup.binary import uint64_to_codes
+    from curation.dedup.grouping import star_keepers
+    from curation.dedup.hash_band import HashBandRule, band_candidates
+    from curation.stage import StageContext
+    from curation.stages.phash_dedup import PhashDedupConfig, PhashDedupStage
+
+    spec = next(s for s in yaml.safe_load((Path(__file__).parents[1] / "pipelines" / "offline.yaml").read_text())["stages"]
+                if s["kind"] == "phash_dedup")
+    cfg = PhashDedupConfig(**spec)
+    stage = PhashDedupStage(cfg, StageContext(Path("."), Path(".")))
+    n, uids = len(items), np.arange(len(items), dtype=np.int64)
+    codes, flipped = uint64_to_codes(hashes["phash"]), uint64_to_codes(hashes["phash_flip"])
+    area = np.array([it.get("area", 0) for it in items], np.float64)
+    if cfg.band is None:
+        raise ValueError("offline.yaml's phash_dedup has no band")
+    rule = HashBandRule(cfg.band, cfg.radius, feats, uids, lambda d, k: stage.distance(codes, flipped, d, k), stage._within(codes, flipped))
+    lo, hi, dist, _ = band_candidates(np.vstack([codes, flipped]), np.tile(uids, 2), uids, cfg.radius, cfg.index)
+    i, j, _ = rule.edges(lo, hi, dist)
+    keeper = star_keepers(connected_components(n, i, j), area, uids, rule.passes())
+    return i, j, keeper, spec
 
 
 def hard_negative_photos(photos: list[Path], count: int, rng: random.Random) -> list[Path]:

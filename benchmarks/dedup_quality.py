@@ -69,7 +69,6 @@ sys.path.insert(0, str(ROOT))
 from curation.dedup.binary import hamming_pairs, uint64_to_codes  # noqa: E402
 from curation.dedup.components import connected_components  # noqa: E402
 from curation.dedup.descriptors import normalize_rows  # noqa: E402
-from curation.dedup.grouping import star_keepers  # noqa: E402
 from curation.dedup.knn_graph import knn_edges  # noqa: E402
 from curation.index_settings import IndexSettings  # noqa: E402
 from curation.dedup.pca_hash import fit_pca, sign_codes  # noqa: E402
@@ -79,7 +78,7 @@ from curation.stages.decode import DecodeConfig  # noqa: E402
 from curation.stages.phash_dedup import PhashDedupConfig  # noqa: E402
 from common import device_name, git_commit  # noqa: E402  (benchmarks/ is on sys.path)
 from dedup_grouping import compare, cosine_test, pairs_of_groups, phash_test, print_grouping, scores  # noqa: E402
-from dedup_local import cpu_seconds, drop_counts, local_features_of, local_methods, precision_by_transform  # noqa: E402
+from dedup_local import cpu_seconds, drop_counts, local_features_of, local_methods, offline_hash_stage, precision_by_transform  # noqa: E402
 
 
 # -- transformations -----------------------------------------------------------------------
@@ -531,11 +530,8 @@ def main() -> None:
         local_feats, local_cpu = local_features_of(folder, items)
         print(f"local features (local_features stage defaults): {1000 * local_cpu / len(items):.1f} CPU-ms per image")
         n = len(items)
-        radius = PhashDedupConfig(kind="phash_dedup").radius
-        pi, pj = hash_edges(np.concatenate([feats["phash"], feats["phash_flip"]]), radius)
-        hash_keeper = star_keepers(connected_components(n, pi % n, pj % n), np.array([it["area"] for it in items], np.float64), np.arange(n),
-                                   phash_test(feats["phash"], feats["phash_flip"], radius)[0])
-        ours += local_methods(local_feats, items, truth, (pi % n, pj % n), local_cpu, evaluate, hash_keeper)
+        pi, pj, hash_keeper, _ = offline_hash_stage(feats, local_feats, items)  # offline.yaml's phash_dedup, band included
+        ours += local_methods(local_feats, items, truth, (pi, pj), local_cpu, evaluate, hash_keeper)
         grouping = []
         for r in (4, 6, 8, 10):  # looser radii chain more
             gi, gj = hash_edges(np.concatenate([feats["phash"], feats["phash_flip"]]), r)

@@ -12,7 +12,10 @@ by matching the mirrored features), scale within ``max_scale`` either way, aniso
 singular values) at most ``max_anisotropy``. Last, the pixels must agree where the transform
 says the images overlap (``min_agreement``, on small thumbnails): two different T-shirts
 photographed on the same bedspread, or two clip-art signs in one font, match keypoints on a
-consistent transform, but their fine detail disagrees over most of the overlap.
+consistent transform, but their fine detail disagrees over most of the overlap. The overlap is
+scored in cells and the worst ``agreement_trim`` share of them is left out: an overlay (emoji,
+text, a logo) disagrees where it covers, and its hard edges would otherwise outweigh a
+low-texture photo's detail everywhere else.
 
 Deterministic: OpenCV's RANSAC seeds its own generator on every call, so the same two images
 give the same verdict in every task and form.
@@ -45,6 +48,7 @@ class VerifySettings(BaseModel):
     min_inlier_ratio: float = Field(0.6, ge=0, le=1, description="inliers / tentative matches needed")
     min_coverage: float = Field(0.2, ge=0, le=1, description="area share of the inliers' bounding box, in the image where it is larger")
     min_agreement: float = Field(0.55, ge=-1, le=1, description="correlation of the two thumbnails' fine detail over the overlap (pixel_agreement)")
+    agreement_trim: float = Field(0.25, ge=0, lt=1, description="share of the overlap's cells (1/8 of the thumbnail a side) with the lowest agreement left out, for overlays")
     max_scale: float = Field(8.0, ge=1, description="largest scale change (either way) a copy may have")
     max_anisotropy: float = Field(2.0, ge=1, description="largest ratio of the transform's singular values")
 
@@ -174,7 +178,7 @@ def box_inside_share(box: tuple | None, frame: tuple | None) -> float:
     return w * h / area
 
 
-def pixel_agreement(a: Features, b: Features, m: np.ndarray) -> float:
+def pixel_agreement(a: Features, b: Features, m: np.ndarray, trim: float = 0.0) -> float:
     """Correlation of the two thumbnails' fine detail (each minus its local mean) over their
     overlap under ``m`` (a's pixels -> b's), in the frame of either image (the better of the
     two). A copy agrees across its whole overlap, an overlay aside; two photos that share only a
@@ -183,7 +187,7 @@ def pixel_agreement(a: Features, b: Features, m: np.ndarray) -> float:
         return 1.0
     to_thumb = lambda f: np.diag([f.thumb.shape[1] / f.width, f.thumb.shape[0] / f.height, 1.0])  # noqa: E731  (each its own side)
     mt = to_thumb(b) @ homogeneous(m) @ np.linalg.inv(to_thumb(a))
-    return max(_detail_correlation(a.thumb, b.thumb, mt), _detail_correlation(b.thumb, a.thumb, np.linalg.inv(mt)))
+    return max(_detail_correlation(a.thumb, b.thumb, mt, trim), _detail_correlation(b.thumb, a.thumb, np.linalg.inv(mt), trim))
 
 
 DETAIL_BOX = 5  # pixels of the thumbnail: the local mean removed before correlating
@@ -194,16 +198,36 @@ def _detail(img: np.ndarray) -> np.ndarray:
     return f - cv2.blur(f, (DETAIL_BOX, DETAIL_BOX))
 
 
-def _detail_correlation(src: np.ndarray, dst: np.ndarray, m: np.ndarray) -> float:
+def _detail_correlation(src: np.ndarray, dst: np.ndarray, m: np.ndarray, trim: float = 0.0) -> float:
+    """Correlation of the detail of ``src`` warped by ``m`` onto ``dst``, over the overlap, less
+    the ``trim`` share of AGREEMENT_CELLS x AGREEMENT_CELLS cells that agree worst."""
     size = (dst.shape[1], dst.shape[0])
     warped = cv2.warpPerspective(src.astype(np.float32), m, size, flags=cv2.INTER_LINEAR)
     mask = cv2.warpPerspective(np.ones_like(src, np.uint8), m, size, flags=cv2.INTER_NEAREST)
-    mask = cv2.erode(mask, np.ones((DETAIL_BOX + 2, DETAIL_BOX + 2), np.uint8)).astype(bool)
+    mask = cv2.erode(mask, np.ones((DETAIL_BOX + 2, DETAIL_BOX + 2), np.uint8)).astype(np.float32)
     if mask.sum() < 16:
         return 0.0
-    x, y = _detail(warped)[mask], _detail(dst)[mask]
-    denom = float(np.sqrt((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / denom) if denom > 1e-6 else 0.0
+    x, y = _detail(warped) * mask, _detail(dst) * mask
+    xy, xx, yy = x * y, x * x, y * y
+    if trim > 0:
+        cell = max(1, min(dst.shape) // AGREEMENT_CELLS)
+        covered = _cell_sums(mask, cell) >= cell * cell / 2
+        xy, xx, yy = (_cell_sums(v, cell)[covered] for v in (xy, xx, yy))
+        if len(xy):
+            worst_first = np.argsort(xy / np.sqrt(xx * yy + 1e-6), kind="stable")
+            kept = worst_first[int(trim * len(xy)):]
+            xy, xx, yy = xy[kept], xx[kept], yy[kept]
+    denom = float(np.sqrt(xx.sum() * yy.sum()))
+    return float(xy.sum() / denom) if denom > 1e-6 else 0.0
+
+
+AGREEMENT_CELLS = 8  # cells a side of the thumbnail for agreement_trim (12 px cells at 96 px)
+
+
+def _cell_sums(v: np.ndarray, cell: int) -> np.ndarray:
+    """Sums over cell x cell blocks (the ragged edge left out), flattened."""
+    h, w = (v.shape[0] // cell) * cell, (v.shape[1] // cell) * cell
+    return v[:h, :w].reshape(h // cell, cell, w // cell, cell).sum(axis=(1, 3)).ravel()
 
 
 def verify_once(a: Features, b: Features, s: VerifySettings, mirrored: bool = False) -> Verdict:
@@ -229,7 +253,7 @@ def verify_once(a: Features, b: Features, s: VerifySettings, mirrored: bool = Fa
     if problem is None and coverage < s.min_coverage:
         problem = "low_coverage"
     if problem is None:
-        verdict.agreement = pixel_agreement(a, b, verdict.matrix)
+        verdict.agreement = pixel_agreement(a, b, verdict.matrix, s.agreement_trim)
         if verdict.agreement < s.min_agreement:
             problem = "pixels_disagree"
     verdict.ok, verdict.reason = problem is None, problem or ""

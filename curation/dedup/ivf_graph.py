@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import schema
+from curation.dedup.band import pair_requests
 from curation.dedup.descriptors import descriptor_matrix, normalize_rows
 from curation.partitioned.components import edge_rows, star_forest
 from curation.partitioned.files import with_partition
@@ -219,8 +220,6 @@ def knn_graph_steps(descriptor: str, k: int, threshold: float, settings, seed: i
 def _band_requests(lo, hi, sim, pairs, accept_above: float, ctx: TaskContext) -> dict:
     """Verification requests for the distinct pairs: the larger similarity of the two directions,
     checked geometrically unless above ``accept_above``."""
-    from curation.dedup.local_steps import pair_requests
-
     if len(pairs) == 0:
         return {}
     order = np.lexsort((-sim, hi, lo))

@@ -21,13 +21,13 @@ about ``max_partition_rows`` descriptors whatever N is.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from curation import schema
+from curation.dedup.band import CHECK, HI, LO, SCORE, GeometricCheck, merge_details, pair_requests
 from curation.dedup.geometry import Verdict, VerifySettings, box_inside_share, homogeneous, verify_pair
 from curation.dedup.local_features import column_features, from_row
 from curation.dedup.local_search import (
@@ -48,37 +48,26 @@ from curation.partitioned.files import with_partition
 from curation.partitioned.keys import combine, mix64, partition_of
 from curation.partitioned.steps import AggregateStep, Artifact, MapStep, Output, ReduceStep, TaskContext
 
-LO, HI, SCORE, CHECK = "lo", "hi", "score", "check"
 FEATURE_ROW_WEIGHT = 256  # descriptors per feature row at local_features' default, for sizing partitions
 _PAIR_SALT, _QUERY_SALT, _LIST_SALT = 0x9A1, 0x7E1, 0x115
 
 
 # -- pair verification (shared with copy_dedup) --------------------------------------------------
-def pair_requests(lo: np.ndarray, hi: np.ndarray, score: np.ndarray, check: np.ndarray, ctx: TaskContext) -> pa.Table:
-    """Rows asking the ship step for features: one per image of each pair to ``check``, one (for
-    the smaller uid only, no features needed) per pair accepted already."""
-    uid = np.concatenate([lo, hi[check]])
-    rows = {schema.UID: uid, LO: np.concatenate([lo, lo[check]]), HI: np.concatenate([hi, hi[check]]),
-            SCORE: np.concatenate([score, score[check]]).astype(np.float32), CHECK: np.concatenate([check, check[check]])}
-    table = pa.table({k: pa.array(v) for k, v in rows.items()})
-    return with_partition(table, ctx.groups_of_uids(uid) if len(uid) else np.zeros(0, np.int64))
-
-
 def pair_partition(lo: np.ndarray, hi: np.ndarray, partitions: int) -> np.ndarray:
     return (combine(mix64(lo, _PAIR_SALT), hi) % np.uint64(max(1, partitions))).astype(np.int64)
 
 
 @dataclass
 class PairVerification:
-    """Steps that verify requested pairs geometrically and turn them into ``verify/edges``."""
+    """Steps that verify requested pairs geometrically and turn them into ``verify/edges``
+    (pairs accepted already, by ``direct_name``'s score, pass through unverified)."""
 
-    features: str
-    settings: VerifySettings
-    mirror: bool
+    check: GeometricCheck
     row_weight: int  # descriptors per feature row, for sizing partitions
+    direct_name: str = "similarity"
 
     def steps(self, requests: str) -> list:
-        features, weight = self.features, self.row_weight
+        features, weight, geo = self.check.features, self.row_weight, self.check
 
         def ship(table: pa.Table, ctx: TaskContext) -> dict:
             side = ctx.side.read() if ctx.side is not None else None
@@ -114,15 +103,15 @@ class PairVerification:
             ea, eb = [], []
             for s, e in zip(starts, np.r_[starts[1:], len(lo)]):
                 if not check[s]:
-                    ctx.count("accepted_similarity")
+                    ctx.count("accepted_direct")
                     ea.append(lo[s])
                     eb.append(hi[s])
                     continue
                 by_uid = {int(uid[i]): rows[i] for i in range(s, e)}
-                verdict = verify_pair(from_row(by_uid.get(int(lo[s]))), from_row(by_uid.get(int(hi[s]))), self.settings, self.mirror)
+                verdict = geo.verdict(from_row(by_uid.get(int(lo[s]))), from_row(by_uid.get(int(hi[s]))))
                 ctx.count("verified_pairs")
-                if verdict.ok:
-                    ctx.count("accepted_geometric")
+                if geo.accepts(verdict):
+                    ctx.count("accepted_geometric" if verdict.ok else "accepted_without_features")
                     ea.append(lo[s])
                     eb.append(hi[s])
                 else:
@@ -137,15 +126,19 @@ class PairVerification:
         ]
 
 
-def verification_summary(counters: dict) -> dict:
+def verification_summary(counters: dict, direct_name: str = "similarity", without_features: str = "reject") -> dict:
+    """The verification counts, with the single-task form's keys (``band.band_edges``)."""
     v = counters.get("verify", {})
     rejected = {k.split(":", 1)[1]: int(n) for k, n in v.items() if k.startswith("rejected:")}
-    return {
+    out = {
         "verified_pairs": int(v.get("verified_pairs", 0)),
         "edges_geometric": int(v.get("accepted_geometric", 0)),
-        "edges_similarity": int(v.get("accepted_similarity", 0)),
+        f"edges_{direct_name}": int(v.get("accepted_direct", 0)),
         "rejected": dict(sorted(rejected.items())),
     }
+    if without_features == "accept":
+        out["edges_without_features"] = int(v.get("accepted_without_features", 0))
+    return out
 
 
 # -- the candidate search ------------------------------------------------------------------------
@@ -332,8 +325,3 @@ def composed_transform(first, second, model: str) -> dict:
     return composed.transform(model)
 
 
-def merge_details(drops: pa.Table, extra: dict[int, dict]) -> pa.Table:
-    """``drops`` with ``extra[uid]`` merged into each row's JSON details."""
-    details = [json.dumps({**json.loads(d), **extra.get(int(u), {})}, sort_keys=True)
-               for u, d in zip(drops.column(schema.UID).to_pylist(), drops.column(schema.DROP_DETAILS).to_pylist())]
-    return drops.set_column(drops.column_names.index(schema.DROP_DETAILS), schema.DROP_DETAILS, pa.array(details, pa.string()))

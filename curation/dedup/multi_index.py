@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import schema
+from curation.dedup.band import pair_requests
 from curation.dedup.binary import distinct_pairs, hamming
 from curation.partitioned.components import edge_rows, star_forest
 from curation.partitioned.files import with_partition
@@ -168,9 +169,10 @@ class _DistinctCodes:
         return a[a != b], b[a != b]
 
 
-def pairs_reduce(part, ctx, radius: int, method: str, scheme_of) -> dict:
+def pairs_reduce(part, ctx, radius: int, method: str, scheme_of, accept_within: int | None = None) -> dict:
     """Reduce of one bucket partition: edges of every pair within ``radius`` it owns.
-    ``scheme_of(nbits)`` gives the map step's key scheme."""
+    ``scheme_of(nbits)`` gives the map step's key scheme. With ``accept_within`` (a hash band),
+    verification requests instead: pairs farther apart than it are to be checked geometrically."""
     mine, partitions = ctx.task, ctx.input_partitions
 
     def first_bucket_here(codes: np.ndarray) -> np.ndarray:
@@ -189,20 +191,24 @@ def pairs_reduce(part, ctx, radius: int, method: str, scheme_of) -> dict:
     keys = bucket_keys(codes, scheme_of(codes.shape[1] * 8))
     here = partition_of(keys.reshape(-1).view(np.int64), partitions).reshape(keys.shape) == mine
     a_same, b_same = distinct.star_edges()
-    found: list[tuple[np.ndarray, np.ndarray]] = []
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for i, j, t in _bucket_candidates(codes, keys, here, radius, method):
         # A pair sharing several buckets is kept only by its first shared one (one task emits it).
         first = np.argmax(keys[:, i] == keys[:, j], axis=0)
         keep = (first == t) & (rep[i] != rep[j])
-        found.append((rep[i][keep], rep[j][keep]))
-    pairs = sum(len(x) for x, _ in found)
-    a = np.concatenate([a_same, *(x for x, _ in found)])
-    b = np.concatenate([b_same, *(y for _, y in found)])
-    leaf, root = star_forest(a, b)
+        distance = hamming(codes[i[keep]], codes[j[keep]]) if accept_within is not None else np.zeros(0, np.int64)
+        found.append((rep[i][keep], rep[j][keep], distance))
+    pairs = sum(len(x) for x, _, _ in found)
+    a = np.concatenate([a_same, *(x for x, _, _ in found)])
+    b = np.concatenate([b_same, *(y for _, y, _ in found)])
     ctx.count("bucket_rows", rows)
     ctx.count("distinct_codes", len(codes))
     ctx.count("pairs", int(pairs))
     ctx.peak("partition_rows", rows)
+    if accept_within is not None:
+        d = np.concatenate([np.zeros(len(a_same), np.int64), *(x for _, _, x in found)])
+        return {"requests": pair_requests(np.minimum(a, b), np.maximum(a, b), -d.astype(np.float32), d > accept_within, ctx)}
+    leaf, root = star_forest(a, b)
     return {"edges": edge_rows(leaf, root, ctx.partitions["edges"])}
 
 

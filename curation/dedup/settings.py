@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from curation.dedup.hash_band import HashBand
 from curation.index_settings import IndexSettings
 from curation.stage import Resources, StageConfig
 
@@ -36,6 +37,17 @@ class HashDedupConfig(GroupingConfig):
         "or on pairs of r+2 substrings (C(r+2,2) keys, ~60x fewer comparisons at radius 6, 4x the shuffle); measured "
         "2.1x slower than substrings at 4M codes (benchmarks/results/scale_hash_buckets-*.json), for far larger crawls",
     )
+    band: HashBand | None = Field(
+        None, description="pairs farther apart than band.accept_within bits (up to the radius) become edges only when "
+        "their local features verify geometrically (needs a `local_features` stage before this one)",
+    )
+
+    @model_validator(mode="after")
+    def _band_inside_radius(self) -> "HashDedupConfig":
+        radius = getattr(self, "radius", None)
+        if self.band is not None and radius is not None and self.band.accept_within >= radius:
+            raise ValueError(f"band.accept_within ({self.band.accept_within}) must be below radius ({radius}): nothing would be verified")
+        return self
 
 
 class KnnGraphConfig(DedupStageConfig):

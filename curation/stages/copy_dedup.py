@@ -28,14 +28,14 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from curation import schema
 from curation.dedup.components import connected_components
 from curation.dedup.descriptors import descriptor_matrix, normalize_rows
-from curation.dedup.geometry import VerifySettings, verify_pair
+from curation.dedup.band import BandEvidence, GeometricCheck, band_edges, band_passes
 from curation.dedup.local_features import column_features
-from curation.dedup.local_steps import FEATURE_ROW_WEIGHT, PairVerification, merge_details, verification_summary
+from curation.dedup.local_steps import FEATURE_ROW_WEIGHT, PairVerification, verification_summary
 from curation.dedup.groups import duplicate_drops, with_descriptor
 from curation.dedup.ivf_graph import graph_summary, knn_graph_steps
 from curation.dedup.knn_graph import graph_recall, knn_edges
@@ -46,16 +46,11 @@ from curation.partitioned.keys import sample_rate, sampled
 from curation.stage import GlobalResult, GlobalStage, Resources
 
 
-class SimilarityBand(BaseModel):
+class SimilarityBand(GeometricCheck):
     """Pairs whose similarity falls in (low, high] are verified with local features."""
-
-    model_config = ConfigDict(extra="forbid")
 
     low: float = Field(0.45, ge=-1, le=1, description="at or below: never an edge")
     high: float = Field(0.75, ge=-1, le=1, description="above: an edge without verification")
-    features: str = Field("local_features", description="features column written by a `local_features` stage")
-    mirror: bool = Field(True, description="also match the mirrored image's features")
-    verify: VerifySettings = Field(default_factory=VerifySettings)
 
     @model_validator(mode="after")
     def _ordered(self) -> "SimilarityBand":
@@ -84,18 +79,9 @@ def above(x: np.ndarray, threshold: float):
     return lambda kept, cand: np.einsum("nd,d->n", x[cand], x[kept]) > threshold
 
 
-def band_passes(x: np.ndarray, feats: list, band: SimilarityBand):
+def similarity_band_passes(x: np.ndarray, feats: list, band: SimilarityBand):
     """The star rule's test with a band: above it, or inside it and verified geometrically."""
-
-    def passes(kept, cand):
-        sims = np.einsum("nd,d->n", x[cand], x[kept])
-        ok = sims > band.high
-        for i in np.flatnonzero((sims > band.low) & ~ok):
-            verdict = verify_pair(feats[cand[i]], feats[kept], band.verify, band.mirror)
-            ok[i] = verdict is not None and verdict.ok
-        return ok
-
-    return passes
+    return band_passes(band, feats, above(x, band.high), above(x, band.low))
 
 
 class CopyDedupStage(GlobalStage):
@@ -119,7 +105,7 @@ class CopyDedupStage(GlobalStage):
         src, dst, band_summary, feats = graph.src, graph.dst, {}, None
         if cfg.band:
             feats = column_features(table.filter(pa.array(table.column(cfg.descriptor).is_valid())).column(cfg.band.features))
-            keep, band_summary = band_edges(cfg.band, feats, graph.src, graph.dst, graph.sim)
+            keep, band_summary = band_edges(cfg.band, feats, graph.src, graph.dst, graph.sim > cfg.band.high, "similarity")
             src, dst = graph.src[keep], graph.dst[keep]
         labels = connected_components(len(rows), src, dst)
         star = cfg.grouping == "star"
@@ -127,9 +113,9 @@ class CopyDedupStage(GlobalStage):
             passes = above(x, cfg.threshold) if star else None
             drops, groups = duplicate_drops(rows, labels, cfg.reason, "similarity", lambda d, k: cosine(x, d, k), passes)
         else:
-            evidence = BandEvidence(cfg.band)
-            passes = band_passes(x, feats, cfg.band) if star else None
-            drops, groups = duplicate_drops(rows, labels, cfg.reason, "similarity", lambda d, k: evidence.score(x, feats, rows.uid, d, k), passes)
+            evidence = BandEvidence(cfg.band, "similarity")
+            passes = similarity_band_passes(x, feats, cfg.band) if star else None
+            drops, groups = duplicate_drops(rows, labels, cfg.reason, "similarity", lambda d, k: band_score(evidence, x, feats, rows.uid, d, k), passes)
             drops = evidence.enrich(drops)
         queries = np.flatnonzero(sampled(rows.uid, sample_rate(cfg.index.recall_queries, len(rows)), self.context.seed))
         summary = {
@@ -172,18 +158,18 @@ class CopyDedupStage(GlobalStage):
         band = cfg.band
 
         def band_test(members, ctx):
-            return band_passes(vectors(members), column_features(members.column(band.features)), band) if cfg.grouping == "star" else None
+            return similarity_band_passes(vectors(members), column_features(members.column(band.features)), band) if cfg.grouping == "star" else None
 
         def keep(table, labels, ctx):
-            evidence = BandEvidence(band)
+            evidence = BandEvidence(band, "similarity")
 
-            def band_score(members, d, k, ctx):
+            def score(members, d, k, ctx):
                 feats = column_features(members.column(band.features))
-                return evidence.score(vectors(members), feats, members.column(schema.UID).to_numpy(), d, k)
+                return band_score(evidence, vectors(members), feats, members.column(schema.UID).to_numpy(), d, k)
 
-            return evidence.enrich(duplicate_keep(cfg.reason, "similarity", band_score, band_test)(table, labels, ctx))
+            return evidence.enrich(duplicate_keep(cfg.reason, "similarity", score, band_test)(table, labels, ctx))
 
-        verification = PairVerification(band.features, band.verify, band.mirror, FEATURE_ROW_WEIGHT)
+        verification = PairVerification(band, FEATURE_ROW_WEIGHT, "similarity")
         return [
             *knn_graph_steps(cfg.descriptor, cfg.k, band.low, cfg.index, self.context.seed, accept_above=band.high),
             *verification.steps("merge/requests"),
@@ -196,7 +182,7 @@ class CopyDedupStage(GlobalStage):
         keep = counters.get("keep", {})
         vectors = int(counters.get("assign", {}).get("vectors", 0))
         cfg = self.config
-        band = {} if cfg.band is None else {**verification_summary(counters), "band": [cfg.band.low, cfg.band.high], "threshold": None}
+        band = {} if cfg.band is None else {**verification_summary(counters, "similarity"), "band": [cfg.band.low, cfg.band.high], "threshold": None}
         return {
             "rows": vectors,
             **graph_summary(counters, facts, cfg.k, cfg.candidate_threshold, cfg.index),
@@ -208,43 +194,12 @@ class CopyDedupStage(GlobalStage):
         }
 
 
-def band_edges(band: SimilarityBand, feats: list, src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Which k-NN pairs (row indices, src < dst, rows in uid order) are edges under the band,
-    and the verification counts of the summary (the same keys as the partitioned form's)."""
-    keep = sim > band.high
-    rejected: dict[str, int] = {}
-    for i in np.flatnonzero(~keep):
-        verdict = verify_pair(feats[src[i]], feats[dst[i]], band.verify, band.mirror)
-        keep[i] = verdict.ok
-        if not verdict.ok:
-            rejected[verdict.reason] = rejected.get(verdict.reason, 0) + 1
-    checked = int((sim <= band.high).sum())
-    summary = {"verified_pairs": checked, "edges_geometric": int(keep[sim <= band.high].sum()),
-               "edges_similarity": int((sim > band.high).sum()), "rejected": dict(sorted(rejected.items()))}
-    return keep, summary
-
-
-class BandEvidence:
-    """The evidence between each dropped image and the image kept in its place: similarity
-    above the band, a geometric verification inside it, or none directly (a chain)."""
-
-    def __init__(self, band: SimilarityBand):
-        self.band = band
-        self.details: dict[int, dict] = {}
-
-    def score(self, x: np.ndarray, feats: list, uids: np.ndarray, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
-        sims = cosine(x, dropped, kept)
-        for d, k, sim in zip(dropped, kept, sims):
-            if sim > self.band.high:
-                self.details[int(uids[d])] = {"evidence": "similarity"}
-                continue
-            verdict = verify_pair(feats[d], feats[k], self.band.verify, self.band.mirror) if sim > self.band.low else None
-            extra = {} if verdict is None else {"geometry": verdict.details(self.band.verify.model)}
-            self.details[int(uids[d])] = {"evidence": "geometric" if verdict is not None and verdict.ok else "chain", **extra}
-        return sims
-
-    def enrich(self, drops: pa.Table) -> pa.Table:
-        return merge_details(drops, self.details)
+def band_score(evidence: BandEvidence, x: np.ndarray, feats: list, uids: np.ndarray, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The cosine of each drop to its kept image (the ledger's score), recording the evidence."""
+    sims = cosine(x, dropped, kept)
+    band = evidence.check
+    evidence.record(feats, uids, dropped, kept, sims > band.high, sims > band.low)
+    return sims
 
 
 STAGE = CopyDedupStage

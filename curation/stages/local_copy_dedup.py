@@ -30,6 +30,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curation import schema
+from curation.dedup.band import GeometricCheck
 from curation.dedup.components import connected_components
 from curation.dedup.geometry import VerifySettings
 from curation.dedup.groups import duplicate_drops, rows_of
@@ -100,7 +101,7 @@ class LocalCopyDedupStage(GlobalStage):
     # -- partitioned form ------------------------------------------------------------------
     def partitioned_steps(self):
         cfg = self.config
-        verification = PairVerification(cfg.features, cfg.verify, cfg.mirror, cfg.search.max_keypoints)
+        verification = PairVerification(GeometricCheck(features=cfg.features, mirror=cfg.mirror, verify=cfg.verify), cfg.search.max_keypoints)
 
         def keep(table, labels, ctx):  # features decoded once per task, each pair verified once
             direct = DirectVerdicts(cfg.verify, cfg.mirror, column_features(table.column(cfg.features)), table.column(schema.UID).to_numpy(),

@@ -22,11 +22,14 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curation import schema
+from curation.dedup.band import BandEvidence
 from curation.dedup.binary import hamming, hamming_pairs, within_radius
 from curation.dedup.components import connected_components
 from curation.dedup.descriptors import descriptor_matrix, normalize_rows
 from curation.dedup.groups import duplicate_drops, with_descriptor
+from curation.dedup.hash_band import HashBandRule, band_candidates
 from curation.dedup.hash_steps import hash_dedup_steps, hash_summary
+from curation.dedup.local_features import column_features
 from curation.dedup.pca_hash import PcaProjection, fit_pca, sign_codes
 from curation.dedup.settings import HashDedupConfig
 from curation.partitioned.files import with_partition
@@ -62,7 +65,8 @@ class PcaHashStage(GlobalStage):
     roles = (schema.POOL,)
 
     def input_columns(self):
-        return (schema.ID, schema.SOURCE_KEY, schema.WIDTH, schema.HEIGHT, self.config.descriptor)
+        band = (self.config.band.features,) if self.config.band else ()
+        return (schema.ID, schema.SOURCE_KEY, schema.WIDTH, schema.HEIGHT, self.config.descriptor, *band)
 
     def resources(self) -> Resources:
         return Resources(num_cpus=self.config.num_cpus)
@@ -83,6 +87,10 @@ class PcaHashStage(GlobalStage):
             return None
         return within_radius(codes, self.config.radius)
 
+    def _band_rule(self, members: pa.Table, uids: np.ndarray, codes: np.ndarray) -> HashBandRule:
+        return HashBandRule(self.config.band, self.config.radius, column_features(members.column(self.config.band.features)), uids,
+                            lambda d, k: hamming(codes[d], codes[k]), lambda radius: within_radius(codes, radius))
+
     def run(self, table: pa.Table) -> GlobalResult:
         cfg, t0 = self.config, time.perf_counter()
         rows, x, summary = with_descriptor(table, cfg.descriptor)
@@ -93,14 +101,24 @@ class PcaHashStage(GlobalStage):
         projection = self._fit(x[self._sample_mask(rows.uid, table.num_rows)])
         codes = sign_codes(x, projection)
         del x
-        i, j, _, method = hamming_pairs(codes, cfg.radius, cfg.index)
+        score, passes, band, evidence = (lambda d, k: hamming(codes[d], codes[k])), self._passes(codes), {}, None
+        if cfg.band is None:
+            i, j, _, method = hamming_pairs(codes, cfg.radius, cfg.index)
+        else:
+            rule = self._band_rule(table.filter(table.column(cfg.descriptor).is_valid()), rows.uid, codes)
+            lo, hi, dist, method = band_candidates(codes, np.arange(len(rows)), rows.uid, cfg.radius, cfg.index)
+            i, j, band = rule.edges(lo, hi, dist)
+            evidence = BandEvidence(cfg.band, "hash")
+            score, passes = rule.score(evidence), rule.passes() if passes is not None else None
+            band.update({"candidate_pairs": int(len(lo)), "accept_within": cfg.band.accept_within})
         labels = connected_components(len(rows), i, j)
-        drops, counts = duplicate_drops(
-            rows, labels, cfg.reason, "hamming_distance", lambda d, k: hamming(codes[d], codes[k]), self._passes(codes)
-        )
+        drops, counts = duplicate_drops(rows, labels, cfg.reason, "hamming_distance", score, passes)
+        if evidence is not None:
+            drops = evidence.enrich(drops)
         summary.update(
             {
                 "edges": int(len(i)),
+                **band,
                 "components": counts["groups"],
                 "dropped": counts["dropped"],
                 "largest_group": counts["largest_group"],
@@ -164,15 +182,18 @@ class PcaHashStage(GlobalStage):
         def test(members, ctx):
             return self._passes(member_codes(members, ctx))
 
+        def band_rule(members, ctx):
+            return self._band_rule(members, members.column(schema.UID).to_numpy(), member_codes(members, ctx))
+
         return [
             MapStep("sample", sample, [Output("sample", 1)]),
             AggregateStep("pca", ["sample/sample"], fit),
             *hash_dedup_steps(codes_of, cfg.radius, 1, cfg.index, (cfg.descriptor,), cfg.reason, score, test=test, nbits=cfg.bits,
-                              multi_index=cfg.buckets),
+                              multi_index=cfg.buckets, band=cfg.band, band_rule=band_rule),
         ]
 
     def partitioned_summary(self, counters, facts):
-        summary = hash_summary(counters, self.config.bits, self.config.radius, self.config.grouping, self.config.buckets)
+        summary = hash_summary(counters, self.config.bits, self.config.radius, self.config.grouping, self.config.buckets, self.config.band)
         b = counters.get("buckets", {})
         summary.update(
             {

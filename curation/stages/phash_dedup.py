@@ -20,9 +20,12 @@ import pyarrow as pa
 from pydantic import Field
 
 from curation import schema
+from curation.dedup.band import BandEvidence
 from curation.dedup.binary import hamming, hamming_pairs, uint64_to_codes, within_radius
 from curation.dedup.components import connected_components
 from curation.dedup.groups import duplicate_drops, rows_of
+from curation.dedup.hash_band import HashBandRule, band_candidates
+from curation.dedup.local_features import column_features
 from curation.dedup.hash_steps import hash_dedup_steps, hash_summary
 from curation.dedup.settings import HashDedupConfig
 from curation.stage import GlobalResult, GlobalStage, Resources
@@ -44,7 +47,8 @@ class PhashDedupStage(GlobalStage):
     roles = (schema.POOL,)
 
     def input_columns(self):
-        return (schema.ID, schema.SOURCE_KEY, schema.WIDTH, schema.HEIGHT, *self._hash_columns())
+        band = (self.config.band.features,) if self.config.band else ()
+        return (schema.ID, schema.SOURCE_KEY, schema.WIDTH, schema.HEIGHT, *self._hash_columns(), *band)
 
     def _hash_columns(self) -> tuple[str, ...]:
         return (self.config.column, flip_column(self.config.column)) if self.config.flip else (self.config.column,)
@@ -75,7 +79,13 @@ class PhashDedupStage(GlobalStage):
         """The star rule's test: within the radius of the kept image."""
         if self.config.grouping != "star":
             return None
-        radius = self.config.radius
+        return self._within(codes, flipped)(self.config.radius)
+
+    def _within(self, codes: np.ndarray, flipped: np.ndarray | None):
+        """radius -> the star test at that radius (any mirror combination)."""
+        return lambda radius: self._within_radius(codes, flipped, radius)
+
+    def _within_radius(self, codes: np.ndarray, flipped: np.ndarray | None, radius: int):
         pairs = [(codes, codes)] if flipped is None else [(codes, codes), (codes, flipped), (flipped, codes), (flipped, flipped)]
         tests = [within_radius(a, radius, b) for a, b in pairs]
 
@@ -93,19 +103,30 @@ class PhashDedupStage(GlobalStage):
         rows = rows_of(table, mask)
         n = len(rows)
         searched = np.vstack(codes)  # with flip, rows n..2n-1 are the mirrors of rows 0..n-1
-        i, j, _, method = hamming_pairs(searched, self.config.radius, self.config.index)
-        if n:
-            i, j = i % n, j % n
-        labels = connected_components(n, i, j)
         flipped = codes[1] if self.config.flip else None
-        drops, counts = duplicate_drops(
-            rows, labels, self.config.reason, "hamming_distance", lambda d, k: self.distance(codes[0], flipped, d, k),
-            self._passes(codes[0], flipped),
-        )
+        score = lambda d, k: self.distance(codes[0], flipped, d, k)  # noqa: E731
+        passes, band, evidence = self._passes(codes[0], flipped), {}, None
+        if self.config.band is None:
+            i, j, _, method = hamming_pairs(searched, self.config.radius, self.config.index)
+            i, j = (i % n, j % n) if n else (i, j)
+        else:
+            rule = self._band_rule(table.filter(pa.array(mask)), rows.uid, codes[0], flipped)
+            lo, hi, dist, method = band_candidates(searched, np.tile(np.arange(n), len(codes)), rows.uid, self.config.radius, self.config.index)
+            i, j, band = rule.edges(lo, hi, dist)
+            evidence = BandEvidence(self.config.band, "hash")
+            score, passes = rule.score(evidence), rule.passes() if passes is not None else None
+            band["candidate_pairs"] = int(len(lo))
+        labels = connected_components(n, i, j)
+        drops, counts = duplicate_drops(rows, labels, self.config.reason, "hamming_distance", score, passes)
+        if evidence is not None:
+            drops = evidence.enrich(drops)
+        if self.config.band is not None:
+            band["accept_within"] = self.config.band.accept_within
         summary = {
             "rows": int(n),
             "skipped_no_hash": int((~mask).sum()),
             "edges": int((i != j).sum()),
+            **band,
             "components": counts["groups"],
             "dropped": counts["dropped"],
             "largest_group": counts["largest_group"],
@@ -115,6 +136,10 @@ class PhashDedupStage(GlobalStage):
             "seconds": round(time.perf_counter() - t0, 3),
         }
         return GlobalResult(drops, summary=summary)
+
+    def _band_rule(self, members: pa.Table, uids: np.ndarray, codes: np.ndarray, flipped: np.ndarray | None) -> HashBandRule:
+        return HashBandRule(self.config.band, self.config.radius, column_features(members.column(self.config.band.features)), uids,
+                            lambda d, k: self.distance(codes, flipped, d, k), self._within(codes, flipped))
 
     # -- partitioned form ------------------------------------------------------------------
     def partitioned_steps(self):
@@ -134,13 +159,16 @@ class PhashDedupStage(GlobalStage):
         def test(members: pa.Table, ctx):
             return self._passes(*member_codes(members))
 
+        def band_rule(members: pa.Table, ctx):
+            return self._band_rule(members, members.column(schema.UID).to_numpy(), *member_codes(members))
+
         return hash_dedup_steps(
             codes_of, self.config.radius, len(self._hash_columns()), self.config.index, self._hash_columns(), self.config.reason,
-            score, test=test, nbits=64, multi_index=self.config.buckets,
+            score, test=test, nbits=64, multi_index=self.config.buckets, band=self.config.band, band_rule=band_rule,
         )
 
     def partitioned_summary(self, counters, facts):
-        summary = hash_summary(counters, 64, self.config.radius, self.config.grouping, self.config.buckets)
+        summary = hash_summary(counters, 64, self.config.radius, self.config.grouping, self.config.buckets, self.config.band)
         summary["skipped_no_hash"] = int(counters.get("buckets", {}).get("skipped_no_hash", 0))
         return summary
 
