@@ -297,3 +297,29 @@ def test_features_stored_with_the_older_48_px_thumbnail_still_read(photos):
     assert old.thumb.shape == (48, 48)
     identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     assert pixel_agreement(new, old, identity) > 0.7  # each thumbnail mapped at its own side (one side for both: ~0.02)
+
+
+def smileys(img: Image.Image, spots: list[tuple[float, float, float]]) -> Image.Image:
+    """Emoji-like overlays (yellow disc, black outline, eyes, smile) at (x, y, radius) fractions."""
+    img = img.copy()
+    draw = ImageDraw.Draw(img)
+    for fx, fy, fr in spots:
+        r, cx, cy = int(min(img.size) * fr), int(img.width * fx), int(img.height * fy)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(255, 204, 0), outline=(0, 0, 0), width=max(1, r // 8))
+        draw.ellipse((cx - r // 2, cy - r // 3, cx - r // 4, cy - r // 8), fill=(0, 0, 0))
+        draw.ellipse((cx + r // 4, cy - r // 3, cx + r // 2, cy - r // 8), fill=(0, 0, 0))
+        draw.arc((cx - r // 2, cy - r // 4, cx + r // 2, cy + r // 2), 20, 160, fill=(0, 0, 0), width=max(1, r // 8))
+    return img
+
+
+def test_overlays_disagree_only_where_they_cover(shared_data):
+    """Five emoji on a low-texture photo (a hat on floor tiles): their hard edges outweigh the
+    photo's detail over the whole overlap (agreement ~0.27, rejected), but the overlap scored in
+    cells without its worst quarter agrees like a copy (the default ``agreement_trim``)."""
+    photo = Image.open(shared_data / "clothing_cc0" / "hat" / "8f809fea-1f7d-4695-be36-a061bd77c170.jpg").convert("RGB")
+    overlaid = smileys(photo, [(0.6, 0.15, 0.1), (0.3, 0.2, 0.08), (0.75, 0.3, 0.12), (0.2, 0.75, 0.1), (0.5, 0.5, 0.11)])
+    original, copy = (from_row(r) for r in extract([jpeg(photo), jpeg(overlaid)]).column("local_features").to_pylist())
+    whole = verify_pair(copy, original, VerifySettings(agreement_trim=0.0))
+    assert not whole.ok and whole.reason == "pixels_disagree" and whole.inliers >= 12
+    trimmed = verify_pair(copy, original, VerifySettings())
+    assert trimmed.ok and trimmed.agreement > 0.6
