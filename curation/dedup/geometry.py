@@ -47,8 +47,8 @@ class VerifySettings(BaseModel):
     min_inliers: int = Field(12, ge=4, description="inlier matches needed")
     min_inlier_ratio: float = Field(0.6, ge=0, le=1, description="inliers / tentative matches needed")
     min_coverage: float = Field(0.2, ge=0, le=1, description="area share of the inliers' bounding box, in the image where it is larger")
-    min_agreement: float = Field(0.55, ge=-1, le=1, description="correlation of the two thumbnails' fine detail over the overlap (pixel_agreement)")
-    agreement_trim: float = Field(0.25, ge=0, lt=1, description="share of the overlap's cells (1/8 of the thumbnail a side) with the lowest agreement left out, for overlays")
+    min_agreement: float = Field(0.6, ge=-1, le=1, description="correlation of the two thumbnails' fine detail over the overlap (pixel_agreement)")
+    agreement_trim: float = Field(0.0, ge=0, lt=1, description="share of the overlap's cells (1/8 of the thumbnail a side) with the lowest agreement left out: overlays pass, but so do more pages sharing an app frame")
     max_scale: float = Field(8.0, ge=1, description="largest scale change (either way) a copy may have")
     max_anisotropy: float = Field(2.0, ge=1, description="largest ratio of the transform's singular values")
 
@@ -67,6 +67,7 @@ class Verdict:
     agreement: float | None = None  # pixel_agreement, computed once the geometry passed
     source_box: tuple | None = None  # (x0, y0, x1, y1): the inliers' bounding box in a's own (unmirrored) frame
     target_box: tuple | None = None  # the same in b's frame
+    source_points: np.ndarray | None = None  # the inliers in a's own (unmirrored) frame, float32 [k, 2]
 
     @property
     def inlier_ratio(self) -> float:
@@ -178,6 +179,18 @@ def box_inside_share(box: tuple | None, frame: tuple | None) -> float:
     return w * h / area
 
 
+def inlier_support(box: tuple | None, verdict: "Verdict") -> float:
+    """How densely ``verdict``'s inliers (in its source image) fill ``box``, against their density
+    over their own bounding box: about 1 when ``box`` is a part of the matched region, 0 when the
+    matches lie elsewhere (an app frame around the photo ``box`` holds)."""
+    if box is None or verdict.source_points is None or verdict.source_box is None or not len(verdict.source_points):
+        return 0.0
+    p = verdict.source_points
+    inside = int(((p[:, 0] >= box[0]) & (p[:, 0] <= box[2]) & (p[:, 1] >= box[1]) & (p[:, 1] <= box[3])).sum())
+    expected = len(p) * box_inside_share(verdict.source_box, box)  # inliers there if spread evenly
+    return inside / max(1.0, expected)
+
+
 def pixel_agreement(a: Features, b: Features, m: np.ndarray, trim: float = 0.0) -> float:
     """Correlation of the two thumbnails' fine detail (each minus its local mean) over their
     overlap under ``m`` (a's pixels -> b's), in the frame of either image (the better of the
@@ -242,9 +255,12 @@ def verify_once(a: Features, b: Features, s: VerifySettings, mirrored: bool = Fa
     k = int(inl.sum())
     source_box, target_box = _box(src[inl]), _box(dst[inl])
     coverage = max(_coverage(source_box, a.width, a.height), _coverage(target_box, b.width, b.height))
+    points = src[inl].copy()
     if mirrored and source_box is not None:  # back to a's own frame (Features.mirrored flips x)
         source_box = ((a.width - 1) - source_box[2], source_box[1], (a.width - 1) - source_box[0], source_box[3])
-    verdict = Verdict(False, k, n, coverage, mirrored, np.asarray(m, np.float64), source_box=source_box, target_box=target_box)
+        points[:, 0] = (a.width - 1) - points[:, 0]
+    verdict = Verdict(False, k, n, coverage, mirrored, np.asarray(m, np.float64), source_box=source_box, target_box=target_box,
+                      source_points=points)
     problem = _plausible(verdict.matrix, s)
     if problem is None and k < s.min_inliers:
         problem = "too_few_inliers"

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from curation import schema
 from curation.dedup.band import CHECK, HI, LO, SCORE, GeometricCheck, merge_details, pair_requests
-from curation.dedup.geometry import Verdict, VerifySettings, box_inside_share, homogeneous, verify_pair
+from curation.dedup.geometry import Verdict, VerifySettings, box_inside_share, homogeneous, inlier_support, verify_pair
 from curation.dedup.local_features import column_features, from_row
 from curation.dedup.local_search import (
     CandidateSearch,
@@ -255,8 +255,10 @@ class DirectVerdicts:
     With ``relay_overlap``, a candidate that fails against the kept image is still dropped in its
     place when it verifies against a *relay*, a member already dropped there, and the part of the
     relay it matches lies inside the part of the relay that matches the kept image (at least that
-    share of its inliers' bounding box inside the relay's): a copy of that part of the relay is a
-    copy of part of the kept image. So a small re-encoded crop of a photo is dropped in place of a
+    share of its inliers' bounding box inside the relay's, and the relay's inliers against the kept
+    image at least that share as dense there as over their box): a copy of that part of the relay
+    is a copy of part of the kept image. (Box alone, two screenshots matching on their shared app
+    frame have inliers around the page, and a photo inside one relayed to the other.) So a small re-encoded crop of a photo is dropped in place of a
     kept screenshot of that photo, whose downscaled features it is too small to meet directly; a
     photo is never dropped through a collage of it and another photo (it matches the other half
     of the collage from the half that matched the kept image). The ledger names the relay
@@ -296,8 +298,9 @@ class DirectVerdicts:
         return ok
 
     def _through(self, c: int, r: int, k: int) -> bool:
-        first = self.verdict(c, r)
-        return first.ok and box_inside_share(first.target_box, self.verdict(r, k).source_box) >= self.relay_overlap
+        first, hop = self.verdict(c, r), self.verdict(r, k)
+        return (first.ok and box_inside_share(first.target_box, hop.source_box) >= self.relay_overlap
+                and inlier_support(first.target_box, hop) >= self.relay_overlap)
 
     def inliers(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
         out = np.zeros(len(dropped), np.int64)
