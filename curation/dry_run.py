@@ -21,7 +21,8 @@ from curation.plan_files import Plan
 from curation.planning import source_specs
 from curation.runlock import RunLocked, check_free
 from curation.runner import RunRequest, Runner
-from curation.stage import GlobalStage
+from curation.ingest.rows import ingest_columns
+from curation.stage import GlobalStage, StageError, check_column_order
 from curation.store import read_json
 
 
@@ -44,6 +45,10 @@ def dry_run(req: RunRequest) -> dict:
     out["plan"]["shards"] = sum(i["shards"] for i in out["plan"]["inputs"])
     out["weights"] = _weights(req, runner)
     out["stages"] = _stages(runner, out["plan"]["items"])
+    try:
+        check_column_order(runner._build_stages(preflight=False), ingest_columns(cfg.ingest))
+    except StageError as e:
+        out["state"], out["detail"] = "refused", str(e)
     return out
 
 

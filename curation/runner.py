@@ -28,7 +28,7 @@ from curation.catalog import ResolvedSet, resolve_excludes, resolve_seeds
 from curation.config import ConfigError, PipelineConfig
 from curation.run_state import error_fields
 from curation.runlock import RunLock, RunLocked, RunLockError
-from curation.stage import GlobalStage, Stage, StageContext, StageError, stage_class
+from curation.stage import GlobalStage, Stage, StageContext, StageError, check_column_order, stage_class
 from curation.store import GLOBAL, INGEST, MAP, RunStore, StageRecord, read_json, write_json_atomic
 
 # The executor, the planner and the shard operations (Ray Data, pyarrow.dataset, the ingest
@@ -278,6 +278,10 @@ class Runner:
             if preflight:
                 self.warnings += list(stage.preflight())
             stages.append(stage)
+        if preflight:
+            from curation.ingest.rows import ingest_columns
+
+            check_column_order(stages, ingest_columns(self.cfg.ingest))
         return stages
 
     # -- outputs ------------------------------------------------------------------------------

@@ -285,6 +285,25 @@ def empty_drops() -> pa.Table:
     return DROPS_SCHEMA.empty_table()
 
 
+def check_column_order(stages: list["Stage"], ingested: list[str]) -> None:
+    """Refuse a pipeline where a stage reads a column no earlier stage writes (e.g. a hash band
+    listed before the ``local_features`` it verifies with): the run would fail only when it got
+    there, after the stages before it had run."""
+    have = {schema.UID, *ingested}
+    writers: dict[str, str] = {}
+    for stage in stages:
+        for column in stage.output_schema().names:
+            writers.setdefault(column, stage.name)
+    for stage in stages:
+        missing = [c for c in stage.input_columns() if c not in have]
+        if missing:
+            later = writers.get(missing[0])
+            fix = (f"stage {later!r} writes it but runs later: list it before {stage.name!r}" if later
+                   else "no stage of this pipeline writes it: add the stage that does")
+            raise StageError(f"stage {stage.name!r} reads column {missing[0]!r}, which no earlier stage writes ({fix})")
+        have.update(stage.output_schema().names)
+
+
 # -- registry ------------------------------------------------------------------------------
 def available_kinds() -> list[str]:
     import curation.stages as pkg

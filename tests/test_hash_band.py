@@ -6,6 +6,7 @@ keep the hash's verdict. Real photos, planted hash values, both execution forms.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -97,3 +98,31 @@ def test_pca_hash_band_without_features_keeps_the_hash_verdict_in_both_forms(tmp
                                                      shard_rows=100, max_partition_rows=300)
     assert rejected.equals(rejected2) and rejected.num_rows < base.num_rows
     assert s["summary"]["edges_geometric"] == 0 and s["summary"]["rejected"]["no_features"] > 0
+
+
+def test_a_band_listed_before_its_local_features_is_refused_before_any_work(tmp_path):
+    """The offline pipeline with ``local_features`` moved after ``phash_dedup``: the run is
+    refused on the driver, naming the column and the stage to move (every bundled pipeline
+    passes the same check)."""
+    import yaml
+
+    from curation.config import load_config
+    from curation.ingest.rows import ingest_columns
+    from curation.stage import StageContext, StageError, check_column_order, stage_class
+
+    def stages_of(path):
+        cfg = load_config(path)
+        return [stage_class(sc.kind)(sc, StageContext(tmp_path, tmp_path)) for sc in cfg.enabled_stages()], cfg
+
+    project = Path(__file__).resolve().parents[1] / "pipelines"
+    for name in ("lvd", "offline", "demo", "smoke"):
+        stages, cfg = stages_of(project / f"{name}.yaml")
+        check_column_order(stages, ingest_columns(cfg.ingest))
+    spec = yaml.safe_load((project / "offline.yaml").read_text())
+    features = next(s for s in spec["stages"] if s["kind"] == "local_features")
+    spec["stages"].remove(features)
+    spec["stages"].insert(next(i for i, s in enumerate(spec["stages"]) if s["kind"] == "local_copy_dedup"), features)
+    (tmp_path / "late.yaml").write_text(yaml.safe_dump(spec))
+    stages, cfg = stages_of(tmp_path / "late.yaml")
+    with pytest.raises(StageError, match="'phash_dedup' reads column 'local_features'.*list it before 'phash_dedup'"):
+        check_column_order(stages, ingest_columns(cfg.ingest))
