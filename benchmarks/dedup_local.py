@@ -115,7 +115,7 @@ def offline_hash_stage(hashes: dict, feats: list, items: list[dict]) -> tuple[np
 
     from curation.dedup.binary import uint64_to_codes
     from curation.dedup.grouping import star_keepers
-    from curation.dedup.hash_band import HashBandRule, band_candidates
+    from curation.dedup.hash_band import HashBandRule
     from curation.stage import StageContext
     from curation.stages.phash_dedup import PhashDedupConfig, PhashDedupStage
 
@@ -129,10 +129,9 @@ def offline_hash_stage(hashes: dict, feats: list, items: list[dict]) -> tuple[np
     if cfg.band is None:
         raise ValueError("offline.yaml's phash_dedup has no band")
     rule = HashBandRule(cfg.band, cfg.radius, feats, uids, lambda d, k: stage.distance(codes, flipped, d, k), stage._within(codes, flipped))
-    lo, hi, dist, _ = band_candidates(np.vstack([codes, flipped]), np.tile(uids, 2), uids, cfg.radius, cfg.index)
-    i, j, _ = rule.edges(lo, hi, dist)
-    keeper = star_keepers(connected_components(n, i, j), area, uids, rule.passes())
-    return i, j, keeper, spec
+    g = rule.single_task(np.vstack([codes, flipped]), np.tile(uids, 2), cfg.index, star=True)
+    keeper = star_keepers(connected_components(n, g.i, g.j), area, uids, g.passes)
+    return g.i, g.j, keeper, spec
 
 
 def hard_negative_photos(photos: list[Path], count: int, rng: random.Random) -> list[Path]:

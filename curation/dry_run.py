@@ -44,9 +44,10 @@ def dry_run(req: RunRequest) -> dict:
     out["plan"]["items"] = sum(i["items"] for i in out["plan"]["inputs"])
     out["plan"]["shards"] = sum(i["shards"] for i in out["plan"]["inputs"])
     out["weights"] = _weights(req, runner)
-    out["stages"] = _stages(runner, out["plan"]["items"])
+    stages = runner._build_stages(preflight=False)
+    out["stages"] = _stages(runner, stages, out["plan"]["items"])
     try:
-        check_column_order(runner._build_stages(preflight=False), ingest_columns(cfg.ingest))
+        check_column_order(stages, ingest_columns(cfg.ingest))
     except StageError as e:
         out["state"], out["detail"] = "refused", str(e)
     return out
@@ -105,9 +106,9 @@ def _weights(req: RunRequest, runner: Runner) -> dict:
         return {"ok": False, "needs": needs, "notes": [str(e)]}
 
 
-def _stages(runner: Runner, items: int) -> list[dict]:
+def _stages(runner: Runner, stages: list, items: int) -> list[dict]:
     out = []
-    for i, stage in enumerate(runner._build_stages(preflight=False), start=1):
+    for i, stage in enumerate(stages, start=1):
         entry = {"index": i, "name": stage.name, "kind": stage.config.kind}
         if isinstance(stage, GlobalStage):
             stored = runner.store.run_dir / "stages" / f"{i:02d}_{stage.name}" / "_form.json"

@@ -12,10 +12,11 @@ by matching the mirrored features), scale within ``max_scale`` either way, aniso
 singular values) at most ``max_anisotropy``. Last, the pixels must agree where the transform
 says the images overlap (``min_agreement``, on small thumbnails): two different T-shirts
 photographed on the same bedspread, or two clip-art signs in one font, match keypoints on a
-consistent transform, but their fine detail disagrees over most of the overlap. The overlap is
-scored in cells and the worst ``agreement_trim`` share of them is left out: an overlay (emoji,
-text, a logo) disagrees where it covers, and its hard edges would otherwise outweigh a
-low-texture photo's detail everywhere else.
+consistent transform, but their fine detail disagrees over most of the overlap. Optionally
+(``agreement_trim``) the overlap is scored in cells and its worst share is left out: an overlay
+(emoji, text, a logo) disagrees where it covers, and its hard edges outweigh a low-texture
+photo's detail everywhere else; but pages of one app showing unrelated photos then agree on
+their shared frame more often, so the default scores the whole overlap.
 
 Deterministic: OpenCV's RANSAC seeds its own generator on every call, so the same two images
 give the same verdict in every task and form.

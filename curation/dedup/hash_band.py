@@ -62,6 +62,27 @@ class HashBandRule:
 
         return score
 
+    def single_task(self, codes: np.ndarray, row_of: np.ndarray, method: str, star: bool) -> "BandedEdges":
+        """The single-task form over every row: the candidates (``band_candidates``), the edges
+        among them, and the keep rule's score and star test with the evidence they record."""
+        lo, hi, distance, used = band_candidates(codes, row_of, self.uids, self.radius, method)
+        i, j, summary = self.edges(lo, hi, distance)
+        summary.update({"candidate_pairs": int(len(lo)), "accept_within": self.band.accept_within})
+        evidence = BandEvidence(self.band, "hash")
+        return BandedEdges(i, j, used, summary, self.score(evidence), self.passes() if star else None, evidence)
+
+
+@dataclass
+class BandedEdges:
+    """A hash stage's edges under its band (single task), and what its keep rule needs."""
+
+    i: np.ndarray
+    j: np.ndarray
+    index: str
+    summary: dict
+    score: Distance
+    passes: Test | None
+    evidence: BandEvidence
 
 
 def band_candidates(codes: np.ndarray, row_of: np.ndarray, uids: np.ndarray, radius: int, method: str) -> tuple:

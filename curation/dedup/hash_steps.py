@@ -76,8 +76,8 @@ def hash_dedup_steps(
     def keep(members: pa.Table, labels: np.ndarray, ctx: TaskContext) -> pa.Table:
         rule, evidence = band_rule(members, ctx), BandEvidence(band, "hash")
         star = test is not None and test(members, ctx) is not None
-        banded = duplicate_keep(reason, "hamming_distance", lambda m, d, k, c: rule.score(evidence)(d, k),
-                                (lambda m, c: rule.passes()) if star else None)
+        score_of = rule.score(evidence)
+        banded = duplicate_keep(reason, "hamming_distance", lambda m, d, k, c: score_of(d, k), (lambda m, c: rule.passes()) if star else None)
         return evidence.enrich(banded(members, labels, ctx))
 
     return [

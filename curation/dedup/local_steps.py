@@ -258,10 +258,11 @@ class DirectVerdicts:
     share of its inliers' bounding box inside the relay's, and the relay's inliers against the kept
     image at least that share as dense there as over their box): a copy of that part of the relay
     is a copy of part of the kept image. (Box alone, two screenshots matching on their shared app
-    frame have inliers around the page, and a photo inside one relayed to the other.) So a small re-encoded crop of a photo is dropped in place of a
-    kept screenshot of that photo, whose downscaled features it is too small to meet directly; a
-    photo is never dropped through a collage of it and another photo (it matches the other half
-    of the collage from the half that matched the kept image). The ledger names the relay
+    frame have inliers around the page, and a photo inside one relayed to the other.) So a small
+    re-encoded crop of a photo is dropped in place of a kept screenshot of that photo, whose
+    downscaled features it is too small to meet directly; a photo is never dropped through a
+    collage of it and another photo (it matches the other half of the collage from the half that
+    matched the kept image). The ledger names the relay
     (``via_uid``), gives the candidate's inliers against it and the transform composed through
     it to the kept image."""
 

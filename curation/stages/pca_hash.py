@@ -22,12 +22,11 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curation import schema
-from curation.dedup.band import BandEvidence
 from curation.dedup.binary import hamming, hamming_pairs, within_radius
 from curation.dedup.components import connected_components
 from curation.dedup.descriptors import descriptor_matrix, normalize_rows
 from curation.dedup.groups import duplicate_drops, with_descriptor
-from curation.dedup.hash_band import HashBandRule, band_candidates
+from curation.dedup.hash_band import HashBandRule
 from curation.dedup.hash_steps import hash_dedup_steps, hash_summary
 from curation.dedup.local_features import column_features
 from curation.dedup.pca_hash import PcaProjection, fit_pca, sign_codes
@@ -106,11 +105,8 @@ class PcaHashStage(GlobalStage):
             i, j, _, method = hamming_pairs(codes, cfg.radius, cfg.index)
         else:
             rule = self._band_rule(table.filter(table.column(cfg.descriptor).is_valid()), rows.uid, codes)
-            lo, hi, dist, method = band_candidates(codes, np.arange(len(rows)), rows.uid, cfg.radius, cfg.index)
-            i, j, band = rule.edges(lo, hi, dist)
-            evidence = BandEvidence(cfg.band, "hash")
-            score, passes = rule.score(evidence), rule.passes() if passes is not None else None
-            band.update({"candidate_pairs": int(len(lo)), "accept_within": cfg.band.accept_within})
+            g = rule.single_task(codes, np.arange(len(rows)), cfg.index, star=passes is not None)
+            i, j, method, band, score, passes, evidence = g.i, g.j, g.index, g.summary, g.score, g.passes, g.evidence
         labels = connected_components(len(rows), i, j)
         drops, counts = duplicate_drops(rows, labels, cfg.reason, "hamming_distance", score, passes)
         if evidence is not None:

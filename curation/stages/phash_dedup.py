@@ -20,11 +20,10 @@ import pyarrow as pa
 from pydantic import Field
 
 from curation import schema
-from curation.dedup.band import BandEvidence
 from curation.dedup.binary import hamming, hamming_pairs, uint64_to_codes, within_radius
 from curation.dedup.components import connected_components
 from curation.dedup.groups import duplicate_drops, rows_of
-from curation.dedup.hash_band import HashBandRule, band_candidates
+from curation.dedup.hash_band import HashBandRule
 from curation.dedup.local_features import column_features
 from curation.dedup.hash_steps import hash_dedup_steps, hash_summary
 from curation.dedup.settings import HashDedupConfig
@@ -111,17 +110,12 @@ class PhashDedupStage(GlobalStage):
             i, j = (i % n, j % n) if n else (i, j)
         else:
             rule = self._band_rule(table.filter(pa.array(mask)), rows.uid, codes[0], flipped)
-            lo, hi, dist, method = band_candidates(searched, np.tile(np.arange(n), len(codes)), rows.uid, self.config.radius, self.config.index)
-            i, j, band = rule.edges(lo, hi, dist)
-            evidence = BandEvidence(self.config.band, "hash")
-            score, passes = rule.score(evidence), rule.passes() if passes is not None else None
-            band["candidate_pairs"] = int(len(lo))
+            g = rule.single_task(searched, np.tile(np.arange(n), len(codes)), self.config.index, star=passes is not None)
+            i, j, method, band, score, passes, evidence = g.i, g.j, g.index, g.summary, g.score, g.passes, g.evidence
         labels = connected_components(n, i, j)
         drops, counts = duplicate_drops(rows, labels, self.config.reason, "hamming_distance", score, passes)
         if evidence is not None:
             drops = evidence.enrich(drops)
-        if self.config.band is not None:
-            band["accept_within"] = self.config.band.accept_within
         summary = {
             "rows": int(n),
             "skipped_no_hash": int((~mask).sum()),
