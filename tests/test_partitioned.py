@@ -133,6 +133,21 @@ def test_a_huge_hash_bucket_is_streamed_in_chunks_and_agrees(tmp_path, monkeypat
     assert parted["summary"]["largest_bucket_partition_rows"] > 1200  # held as distinct codes, not pairs
 
 
+def test_phash_dedup_with_buckets_split_again_agrees(tmp_path, monkeypatch):
+    """Buckets of a crawl's worth of codes are split on their free bits (``sub_buckets``): forced
+    here from 24 codes on, with mirrors, chains and a blank image in the same run."""
+    from curation.dedup import sub_buckets
+
+    monkeypatch.setattr(sub_buckets, "SPLIT_MIN", 24)
+    monkeypatch.setattr(sub_buckets, "SUB_BUCKET_TARGET", 4)
+    table, chain = hash_table(3000, seed=5)
+    h = table.column("phash").to_numpy().copy()
+    h[:300] &= np.uint64(0xFFFF)  # 300 near-blank hashes: large buckets on most substrings
+    table = table.set_column(0, "phash", pa.array(h, pa.uint64()))
+    single, parted = assert_same(both_forms(tmp_path, table, PhashDedupStage, {"radius": 6}, shard_rows=400, **SMALL))
+    assert single["summary"]["largest_group"] >= len(chain)
+
+
 @pytest.mark.parametrize("buckets", ["substrings", "pairs"])
 def test_phash_dedup_without_flip_agrees(tmp_path, buckets):
     table, _ = hash_table(1500, seed=2)

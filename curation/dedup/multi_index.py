@@ -38,6 +38,7 @@ import pyarrow as pa
 from curation import schema
 from curation.dedup.band import pair_requests
 from curation.dedup.binary import distinct_pairs, hamming
+from curation.dedup import sub_buckets
 from curation.partitioned.components import edge_rows, star_forest
 from curation.partitioned.files import with_partition
 from curation.partitioned.keys import combine, mix64, partition_of
@@ -86,14 +87,7 @@ def bucket_keys(codes: np.ndarray, scheme: KeyScheme) -> np.ndarray:
     """uint64 [keys, n]: the bucket of every code for every key (key number and its bits hashed)."""
     codes = np.ascontiguousarray(codes, np.uint8)
     n = codes.shape[0]
-    bits = np.unpackbits(codes, axis=1)
-    words = []
-    for a, b in scheme.bounds:
-        packed = np.packbits(bits[:, a:b], axis=1)
-        width = -(-packed.shape[1] // 8) * 8
-        w = np.zeros((n, width), np.uint8)
-        w[:, : packed.shape[1]] = packed
-        words.append(w.view(np.uint64))
+    words = _substring_words(codes, scheme.bounds)
     keys = []
     for number, parts in enumerate(scheme.keys):
         h = mix64(np.full(n, number + 1, np.int64), _BUCKET_SALT)
@@ -102,6 +96,28 @@ def bucket_keys(codes: np.ndarray, scheme: KeyScheme) -> np.ndarray:
                 h = combine(h, words[t][:, col].view(np.int64))
         keys.append(h)
     return np.stack(keys) if keys else np.zeros((0, n), np.uint64)
+
+
+def _substring_words(codes: np.ndarray, bounds) -> list[np.ndarray]:
+    """Each substring's bits, left-aligned and zero-padded to whole 8-byte words (uint64 [n, words]).
+    64-bit codes take shifts and masks on one word instead of unpacking every bit (same words)."""
+    n = codes.shape[0]
+    if codes.shape[1] == 8:
+        word = codes.view(">u8").ravel().astype(np.uint64)
+        out = []
+        for a, b in bounds:
+            high = np.uint64(((1 << (b - a)) - 1) << (64 - (b - a)))
+            out.append(((word << np.uint64(a)) & high).byteswap().reshape(n, 1))
+        return out
+    bits = np.unpackbits(codes, axis=1)
+    out = []
+    for a, b in bounds:
+        packed = np.packbits(bits[:, a:b], axis=1)
+        width = -(-packed.shape[1] // 8) * 8
+        w = np.zeros((n, width), np.uint8)
+        w[:, : packed.shape[1]] = packed
+        out.append(w.view(np.uint64))
+    return out
 
 
 def bucket_rows(uids: np.ndarray, codes: np.ndarray, scheme: KeyScheme, partitions: int) -> pa.Table:
@@ -114,10 +130,16 @@ def bucket_rows(uids: np.ndarray, codes: np.ndarray, scheme: KeyScheme, partitio
     table = pa.table(
         {
             schema.UID: pa.array(np.asarray(uids, np.int64)[idx], pa.int64()),
-            CODE: pa.array(list(map(bytes, codes[idx])), pa.binary(codes.shape[1])),
+            CODE: _fixed_binary(codes[idx]),
         }
     )
     return with_partition(table, part.reshape(-1))
+
+
+def _fixed_binary(codes: np.ndarray) -> pa.Array:
+    """Rows of a uint8 [n, width] array as a fixed-size binary column, without a Python loop."""
+    codes = np.ascontiguousarray(codes, np.uint8)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(codes.shape[1]), len(codes), [None, pa.py_buffer(codes.tobytes())])
 
 
 def _codes_of(table: pa.Table) -> np.ndarray:
@@ -130,6 +152,8 @@ class _DistinctCodes:
     """Distinct codes seen so far with the smallest uid of each, and the star edges that link
     every member to its code's representative, for the codes whose first bucket is ``owned``."""
 
+    FOLD_ROWS = 1 << 16  # rows buffered before a fold, at least (folds also wait for as many rows as are folded)
+
     def __init__(self, owned):
         self.owned_fn = owned
         self.codes: np.ndarray | None = None
@@ -137,12 +161,32 @@ class _DistinctCodes:
         self.owned = np.zeros(0, bool)
         self.a: list[np.ndarray] = []
         self.b: list[np.ndarray] = []
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_rows = 0
 
     def add(self, uids: np.ndarray, codes: np.ndarray) -> None:
+        """Buffer a chunk; fold the buffer in once it holds as many rows as the distinct codes so
+        far (and at least ``FOLD_ROWS``), so a partition arriving in many small chunks (one per
+        map task) is sorted O(log chunks) times, not once per chunk."""
+        self.pending.append((uids, codes))
+        self.pending_rows += len(uids)
+        if self.pending_rows >= max(self.FOLD_ROWS, 0 if self.codes is None else len(self.codes)):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        uids = np.concatenate([u for u, _ in self.pending])
+        codes = np.concatenate([c for _, c in self.pending])
+        self.pending, self.pending_rows = [], 0
+        self._fold(uids, codes)
+
+    def _fold(self, uids: np.ndarray, codes: np.ndarray) -> None:
         if self.codes is None:
             self.codes = np.zeros((0, codes.shape[1]), np.uint8)
         allc = np.concatenate([self.codes, codes])
-        view = np.ascontiguousarray(allc).view(np.dtype((np.void, allc.shape[1]))).ravel()
+        allc = np.ascontiguousarray(allc)
+        view = allc.view(np.uint64 if allc.shape[1] == 8 else np.dtype((np.void, allc.shape[1]))).ravel()  # 64-bit codes sort as integers
         _, first, inv = np.unique(view, return_index=True, return_inverse=True)
         inv = inv.reshape(-1)
         old, new = inv[: len(self.codes)], inv[len(self.codes) :]
@@ -163,6 +207,7 @@ class _DistinctCodes:
         self.codes, self.rep, self.owned = allc[first], rep, owned
 
     def star_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        self.flush()
         if not self.a:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         a, b = np.concatenate(self.a), np.concatenate(self.b)
@@ -185,6 +230,7 @@ def pairs_reduce(part, ctx, radius: int, method: str, scheme_of, accept_within: 
     for chunk in part.chunks([schema.UID, CODE]):
         rows += chunk.num_rows
         distinct.add(chunk.column(schema.UID).to_numpy(), _codes_of(chunk))
+    distinct.flush()
     if distinct.codes is None:
         return {}
     codes, rep = distinct.codes, distinct.rep
@@ -192,7 +238,7 @@ def pairs_reduce(part, ctx, radius: int, method: str, scheme_of, accept_within: 
     here = partition_of(keys.reshape(-1).view(np.int64), partitions).reshape(keys.shape) == mine
     a_same, b_same = distinct.star_edges()
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for i, j, t in _bucket_candidates(codes, keys, here, radius, method):
+    for i, j, t in _bucket_candidates(codes, keys, here, radius, method, scheme_of(codes.shape[1] * 8)):
         # A pair sharing several buckets is kept only by its first shared one (one task emits it).
         first = np.argmax(keys[:, i] == keys[:, j], axis=0)
         keep = (first == t) & (rep[i] != rep[j])
@@ -216,11 +262,13 @@ SMALL_BUCKET = 48  # buckets up to this many distinct codes: vectorised all-pair
 PAIR_CHUNK = 1 << 22  # candidate pairs compared at once (bounds the memory of the small path)
 
 
-def _bucket_candidates(codes: np.ndarray, keys: np.ndarray, here: np.ndarray, radius: int, method: str):
-    """Yield (i, j, substring) for the pairs within ``radius`` inside each bucket of this
+def _bucket_candidates(codes: np.ndarray, keys: np.ndarray, here: np.ndarray, radius: int, method: str, scheme: KeyScheme):
+    """Yield (i, j, key number) for the pairs within ``radius`` inside each bucket of this
     partition (indices into ``codes``, which are distinct). Only codes sharing a bucket are
-    compared: small buckets by all-pairs popcount in bounded chunks, larger ones (up to a
-    partition of distinct codes sharing one substring) by FAISS binary range search, exact."""
+    compared: small buckets by all-pairs popcount in bounded chunks, larger ones by FAISS binary
+    range search, exact, and buckets of ``SPLIT_MIN`` codes or more (with ``method: auto``) by
+    splitting them again on the bits their key leaves free (``curation.dedup.sub_buckets``), so
+    that their cost stays linear in their size."""
     t_of, c_of = np.nonzero(here)
     k = keys[t_of, c_of]
     order = np.lexsort((c_of, t_of, k))
@@ -238,10 +286,27 @@ def _bucket_candidates(codes: np.ndarray, keys: np.ndarray, here: np.ndarray, ra
         near = hamming(codes[i], codes[j]) <= radius
         yield i[near], j[near], t_of[p][near]
         lo = hi
-    for s0, n in zip(starts[sizes > SMALL_BUCKET], sizes[sizes > SMALL_BUCKET]):
+    split = (sizes >= sub_buckets.SPLIT_MIN) if method == "auto" else np.zeros(len(sizes), bool)
+    for s0, n in zip(starts[(sizes > SMALL_BUCKET) & ~split], sizes[(sizes > SMALL_BUCKET) & ~split]):
         members = c_of[s0 : s0 + n]
         bi, bj, _, _ = distinct_pairs(codes[members], radius, method)
         yield members[bi], members[bj], np.full(len(bi), t_of[s0])
+    if split.any():
+        bits = np.unpackbits(codes, axis=1)
+        for t in np.unique(t_of[starts[split]]):
+            mine = split & (t_of[starts] == t)
+            buckets = [c_of[s0 : s0 + n] for s0, n in zip(starts[mine], sizes[mine])]
+            i, j = sub_buckets.pairs_in_large_buckets(codes, bits, buckets, _free_bits(scheme, int(t), bits.shape[1]), radius)
+            yield i, j, np.full(len(i), t)
+
+
+def _free_bits(scheme: KeyScheme, key_number: int, nbits: int) -> np.ndarray:
+    """Bit positions a bucket of this key does not fix (outside the substrings of its key)."""
+    fixed = np.zeros(nbits, bool)
+    for part in scheme.keys[key_number]:
+        a, b = scheme.bounds[part]
+        fixed[a:b] = True
+    return np.flatnonzero(~fixed)
 
 
 def _all_pairs(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
