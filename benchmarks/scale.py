@@ -163,6 +163,56 @@ def recovery(groups: np.ndarray, uids: np.ndarray, applies: np.ndarray, dropped:
     }
 
 
+def beyond_radius(run_dir: Path, stage_dir: Path, groups: np.ndarray, uids: np.ndarray, applies: np.ndarray, dropped: dict[int, int], radius: int) -> dict:
+    """Planted PCA-hash groups left split, and how many of them cannot be joined at the stage's
+    radius at all: their members' sign codes (the stage's own projection, from its ``pca``
+    artifact) are not connected by steps of at most ``radius`` bits. Those are the limit of
+    sign-bit hashing (a re-encode flipped more bits than the radius), not pairs the search missed."""
+    import pyarrow.parquet as pq
+
+    from curation.dedup.components import connected_components
+    from curation.dedup.descriptors import descriptor_matrix, normalize_rows
+    from curation.dedup.pca_hash import PcaProjection, sign_codes
+
+    rows = np.flatnonzero(applies)
+    g, u = groups[rows], uids[rows]
+    comp = np.array([dropped.get(int(x), int(x)) for x in u], np.int64)
+    size = np.bincount(g, minlength=int(groups.max()) + 1)[g]
+    split = np.zeros(int(groups.max()) + 1, bool)
+    order = np.lexsort((comp, g))
+    gs, cs = g[order], comp[order]
+    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
+    bad = np.minimum.reduceat(cs, starts) != np.maximum.reduceat(cs, starts)
+    split[gs[starts][bad]] = True
+    members = u[split[g] & (size > 1)]
+    if len(members) == 0:
+        return {"groups": 0, "beyond_radius": 0}
+    art = np.load(stage_dir / "steps" / "pca" / "artifact.npz")
+    proj = PcaProjection(art["mean"], art["components"], art["explained_variance"], float(art["total_variance"]))
+    want = {int(x) for x in members}
+    xs, us = [], []
+    for f in sorted((run_dir / "stages" / "00_ingest").glob("part-*.parquet")):
+        t = pq.read_table(f, columns=["uid", "sscd_descriptor"])
+        keep = np.isin(t.column("uid").to_numpy(), members)
+        if keep.any():
+            x, _ = descriptor_matrix(t.column("sscd_descriptor").filter(keep), "sscd_descriptor")
+            xs.append(x)
+            us.append(t.column("uid").to_numpy()[keep])
+    x, got = np.concatenate(xs), np.concatenate(us)
+    codes = sign_codes(normalize_rows(x), proj)
+    group_of = dict(zip(u.tolist(), g.tolist()))
+    gg = np.array([group_of[int(v)] for v in got])
+    beyond = 0
+    for gid in np.unique(gg):
+        c = codes[gg == gid]
+        i, j = np.triu_indices(len(c), 1)
+        d = np.bitwise_count(c[i] ^ c[j]).sum(axis=1)
+        labels = connected_components(len(c), i[d <= radius], j[d <= radius])
+        beyond += int(len(np.unique(labels)) > 1)
+    assert want == set(got.tolist())
+    return {"groups": int(len(np.unique(gg))), "beyond_radius": beyond}
+
+
 def contamination(g: np.ndarray, role: np.ndarray, uids: np.ndarray, dropped: dict[int, int]) -> dict:
     """Pool rows of copy groups that hold an evaluation image must all be dropped."""
     from curation import schema
@@ -243,7 +293,9 @@ def evaluate(run_dir: Path, result: dict) -> None:
         elif kind == "pca_hash":
             g = p["copy_group"]
             in_copy_group = np.bincount(g)[g] > 1  # copies caught as well are no false drops
-            rec = recovery(np.where(p["reencode"], g, np.arange(len(uids)) + g.max() + 1), uids, pool, dropped, in_copy_group)
+            planted = np.where(p["reencode"], g, np.arange(len(uids)) + g.max() + 1)
+            rec = recovery(planted, uids, pool, dropped, in_copy_group)
+            rec["not_recovered_beyond_radius"] = beyond_radius(run_dir, stage_dir, planted, uids, pool, dropped, STAGES[kind]["radius"])
         elif kind == "copy_dedup":
             rec = recovery(p["copy_group"], uids, pool, dropped)
         else:

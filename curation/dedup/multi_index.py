@@ -17,14 +17,15 @@ bucket's partition. A reduce task then
 Memory per reduce task: the distinct codes of its partition and their edges. A bucket is only
 as large as the number of codes sharing a substring value; with substrings of ~64 / (r+1) bits
 the partitions stay balanced for hash-like codes (radius 6 on 64 bits: 9-10-bit substrings).
-Time: the code comparisons inside buckets grow as (r+1) N^2 / 2^(64/(r+1)) (FAISS compares a
-bucket's full matrix: N^2 / 80 for radius 6, N^2 / 1,400 for radius 4), ~1 ns each, the one
-super-linear term of the deduplication stages. ``buckets: pairs`` keys the buckets on *pairs* of
-r + 2 substrings instead (two codes within r agree on at least 2 of them): C(r+2, 2) keys per
-code (28 at radius 6, 4x the shuffle rows) of ~2 x 64/(r+2) bits, so the comparisons fall to
-~N^2 / 4,700 at radius 6. Up to 4M codes that was measured 2.1x slower than single substrings
-(the shuffle and the many small buckets cost more than FAISS-fast comparisons); it is meant for
-crawls where the quadratic term dominates.
+Time: a bucket holds ~N / 2^(64/(r+1)) codes (4M codes, radius 6: 7,800), so comparing it all
+against all would grow as N^2. Buckets of ``sub_buckets.SPLIT_MIN`` codes or more are split
+again on the bits their key leaves free (``curation.dedup.sub_buckets``: r + 1 sub-buckets of
+~64 codes per code, one FAISS IVF search per partition), which keeps their cost per code
+constant; smaller ones are compared whole by FAISS (~0.5 ns a comparison, cheaper below ~2,000
+codes). ``buckets: pairs`` keys the buckets on *pairs* of r + 2 substrings instead (two codes
+within r agree on at least 2 of them): C(r+2, 2) keys per code (28 at radius 6, 4x the shuffle
+rows) of ~2 x 64/(r+2) bits; up to 4M codes that was measured 2.1x slower than single
+substrings (``scale_hash_buckets`` JSON, before buckets were split).
 """
 
 from __future__ import annotations
