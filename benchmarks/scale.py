@@ -139,25 +139,32 @@ def digest(stage_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def planted_outcome(groups: np.ndarray, uids: np.ndarray, applies: np.ndarray, dropped: dict[int, int]):
+    """Among the rows the stage applies to: each row's planted group, whether it is in a planted
+    group (one of 2+ rows), and for every planted group (ascending) whether all its members end
+    in one kept image."""
+    rows = np.flatnonzero(applies)
+    g = groups[rows]
+    planted = np.bincount(g, minlength=int(groups.max()) + 1)[g] > 1
+    comp = np.array([dropped.get(int(u), int(u)) for u in uids[rows]], np.int64)
+    order = np.lexsort((comp[planted], g[planted]))
+    gp, cp = g[planted][order], comp[planted][order]
+    starts = np.flatnonzero(np.r_[True, gp[1:] != gp[:-1]]) if len(gp) else np.zeros(0, np.int64)
+    ok = np.minimum.reduceat(cp, starts) == np.maximum.reduceat(cp, starts) if len(starts) else np.zeros(0, bool)
+    return rows, g, planted, gp[starts], ok
+
+
 def recovery(groups: np.ndarray, uids: np.ndarray, applies: np.ndarray, dropped: dict[int, int], explained: np.ndarray | None = None) -> dict:
     """Planted groups (rows sharing a value of ``groups`` among the rows the stage applies to)
     whose members all end in one kept image; and drops that no planted duplicate explains
     (``explained``: rows planted as duplicates of any kind, by default those of ``groups``)."""
-    rows = np.flatnonzero(applies)
-    g = groups[rows]
-    size = np.bincount(g, minlength=int(groups.max()) + 1)[g]
-    comp = np.array([dropped.get(int(u), int(u)) for u in uids[rows]], np.int64)
-    planted = size > 1
-    order = np.lexsort((comp[planted], g[planted]))
-    gp, cp = g[planted][order], comp[planted][order]
-    starts = np.flatnonzero(np.r_[True, gp[1:] != gp[:-1]])
-    ok = np.minimum.reduceat(cp, starts) == np.maximum.reduceat(cp, starts) if len(starts) else np.zeros(0, bool)
+    rows, _, planted, group_ids, ok = planted_outcome(groups, uids, applies, dropped)
     was_dropped = np.array([int(u) in dropped for u in uids[rows]])
     explained = planted if explained is None else explained[rows]
     return {
-        "planted_groups": int(len(starts)),
+        "planted_groups": int(len(group_ids)),
         "recovered": int(ok.sum()),
-        "expected_drops": int(planted.sum() - len(starts)),
+        "expected_drops": int(planted.sum() - len(group_ids)),
         "drops": int(was_dropped.sum()),
         "unplanted_rows_dropped": int((was_dropped & ~explained).sum()),
     }
@@ -174,33 +181,26 @@ def beyond_radius(run_dir: Path, stage_dir: Path, groups: np.ndarray, uids: np.n
     from curation.dedup.descriptors import descriptor_matrix, normalize_rows
     from curation.dedup.pca_hash import PcaProjection, sign_codes
 
-    rows = np.flatnonzero(applies)
-    g, u = groups[rows], uids[rows]
-    comp = np.array([dropped.get(int(x), int(x)) for x in u], np.int64)
-    size = np.bincount(g, minlength=int(groups.max()) + 1)[g]
-    split = np.zeros(int(groups.max()) + 1, bool)
-    order = np.lexsort((comp, g))
-    gs, cs = g[order], comp[order]
-    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
-    bad = np.minimum.reduceat(cs, starts) != np.maximum.reduceat(cs, starts)
-    split[gs[starts][bad]] = True
-    members = u[split[g] & (size > 1)]
+    rows, g, planted, group_ids, ok = planted_outcome(groups, uids, applies, dropped)
+    in_split = planted & np.isin(g, group_ids[~ok])
+    members, member_group = uids[rows][in_split], g[in_split]
     if len(members) == 0:
         return {"groups": 0, "beyond_radius": 0}
     art = np.load(stage_dir / "steps" / "pca" / "artifact.npz")
     proj = PcaProjection(art["mean"], art["components"], art["explained_variance"], float(art["total_variance"]))
-    want = {int(x) for x in members}
     xs, us = [], []
     for f in sorted((run_dir / "stages" / "00_ingest").glob("part-*.parquet")):
         t = pq.read_table(f, columns=["uid", "sscd_descriptor"])
-        keep = np.isin(t.column("uid").to_numpy(), members)
+        shard_uids = t.column("uid").to_numpy()
+        keep = np.isin(shard_uids, members)
         if keep.any():
-            x, _ = descriptor_matrix(t.column("sscd_descriptor").filter(keep), "sscd_descriptor")
-            xs.append(x)
-            us.append(t.column("uid").to_numpy()[keep])
-    x, got = np.concatenate(xs), np.concatenate(us)
-    codes = sign_codes(normalize_rows(x), proj)
-    group_of = dict(zip(u.tolist(), g.tolist()))
+            xs.append(descriptor_matrix(t.column("sscd_descriptor").filter(keep), "sscd_descriptor")[0])
+            us.append(shard_uids[keep])
+    got = np.concatenate(us)
+    if set(got.tolist()) != set(members.tolist()):
+        raise RuntimeError("the ingest shards lack some members of the split PCA-hash groups")
+    codes = sign_codes(normalize_rows(np.concatenate(xs)), proj)
+    group_of = dict(zip(members.tolist(), member_group.tolist()))
     gg = np.array([group_of[int(v)] for v in got])
     beyond = 0
     for gid in np.unique(gg):
@@ -209,7 +209,6 @@ def beyond_radius(run_dir: Path, stage_dir: Path, groups: np.ndarray, uids: np.n
         d = np.bitwise_count(c[i] ^ c[j]).sum(axis=1)
         labels = connected_components(len(c), i[d <= radius], j[d <= radius])
         beyond += int(len(np.unique(labels)) > 1)
-    assert want == set(got.tolist())
     return {"groups": int(len(np.unique(gg))), "beyond_radius": beyond}
 
 

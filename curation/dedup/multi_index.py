@@ -20,9 +20,9 @@ the partitions stay balanced for hash-like codes (radius 6 on 64 bits: 9-10-bit 
 Time: a bucket holds ~N / 2^(64/(r+1)) codes (4M codes, radius 6: 7,800), so comparing it all
 against all would grow as N^2. Buckets of ``sub_buckets.SPLIT_MIN`` codes or more are split
 again on the bits their key leaves free (``curation.dedup.sub_buckets``: r + 1 sub-buckets of
-~64 codes per code, one FAISS IVF search per partition), which keeps their cost per code
-constant; smaller ones are compared whole by FAISS (~0.5 ns a comparison, cheaper below ~2,000
-codes). ``buckets: pairs`` keys the buckets on *pairs* of r + 2 substrings instead (two codes
+~64 codes per code, one FAISS IVF search per key number of a partition), so each code meets
+~max(64, N / 2^16) others per sub-bucket instead of N / 512 (radius 6); smaller ones are
+compared whole by FAISS (~0.5 ns a comparison, cheaper below ~2,000 codes). ``buckets: pairs`` keys the buckets on *pairs* of r + 2 substrings instead (two codes
 within r agree on at least 2 of them): C(r+2, 2) keys per code (28 at radius 6, 4x the shuffle
 rows) of ~2 x 64/(r+2) bits; up to 4M codes that was measured 2.1x slower than single
 substrings (``scale_hash_buckets`` JSON, before buckets were split).
@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from curation import schema
 from curation.dedup.band import pair_requests
-from curation.dedup.binary import distinct_pairs, hamming
+from curation.dedup.binary import hamming
 from curation.dedup import sub_buckets
 from curation.partitioned.components import edge_rows, star_forest
 from curation.partitioned.files import with_partition
@@ -268,8 +268,7 @@ def _bucket_candidates(codes: np.ndarray, keys: np.ndarray, here: np.ndarray, ra
     partition (indices into ``codes``, which are distinct). Only codes sharing a bucket are
     compared: small buckets by all-pairs popcount in bounded chunks, larger ones by FAISS binary
     range search, exact, and buckets of ``SPLIT_MIN`` codes or more (with ``method: auto``) by
-    splitting them again on the bits their key leaves free (``curation.dedup.sub_buckets``), so
-    that their cost stays linear in their size."""
+    splitting them again on the bits their key leaves free (``curation.dedup.sub_buckets``)."""
     t_of, c_of = np.nonzero(here)
     k = keys[t_of, c_of]
     order = np.lexsort((c_of, t_of, k))
@@ -288,17 +287,21 @@ def _bucket_candidates(codes: np.ndarray, keys: np.ndarray, here: np.ndarray, ra
         yield i[near], j[near], t_of[p][near]
         lo = hi
     split = (sizes >= sub_buckets.SPLIT_MIN) if method == "auto" else np.zeros(len(sizes), bool)
-    for s0, n in zip(starts[(sizes > SMALL_BUCKET) & ~split], sizes[(sizes > SMALL_BUCKET) & ~split]):
-        members = c_of[s0 : s0 + n]
-        bi, bj, _, _ = distinct_pairs(codes[members], radius, method)
-        yield members[bi], members[bj], np.full(len(bi), t_of[s0])
-    if split.any():
-        bits = np.unpackbits(codes, axis=1)
-        for t in np.unique(t_of[starts[split]]):
-            mine = split & (t_of[starts] == t)
-            buckets = [c_of[s0 : s0 + n] for s0, n in zip(starts[mine], sizes[mine])]
-            i, j = sub_buckets.pairs_in_large_buckets(codes, bits, buckets, _free_bits(scheme, int(t), bits.shape[1]), radius)
+    whole = (sizes > SMALL_BUCKET) & ~split
+    bits = np.unpackbits(codes, axis=1) if split.any() else None
+    for t in np.unique(t_of[starts[whole | split]]):
+        of_t = t_of[starts] == t
+        i, j = sub_buckets.compare_whole(codes, _members(c_of, starts, sizes, whole & of_t), radius, method)
+        yield i, j, np.full(len(i), t)
+        if bits is not None:
+            free = _free_bits(scheme, int(t), bits.shape[1])
+            i, j = sub_buckets.pairs_in_large_buckets(codes, bits, _members(c_of, starts, sizes, split & of_t), free, radius)
             yield i, j, np.full(len(i), t)
+
+
+def _members(c_of: np.ndarray, starts: np.ndarray, sizes: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """The codes of each selected bucket (runs ``[start, start + size)`` of ``c_of``)."""
+    return [c_of[s0 : s0 + n] for s0, n in zip(starts[mask], sizes[mask])]
 
 
 def _free_bits(scheme: KeyScheme, key_number: int, nbits: int) -> np.ndarray:

@@ -9,8 +9,8 @@ they agree exactly on at least one of any r + 1 disjoint ranges of those bits. E
 large bucket therefore goes to r + 1 sub-buckets (range u, its value there), chosen ~64 codes
 wide, and only codes sharing a sub-bucket are compared:
 
-* every sub-bucket of every large bucket of a task is searched at once by one FAISS binary IVF
-  index whose lists *are* the sub-buckets (``add_core`` / ``range_search_preassigned``: each code
+* every sub-bucket of the large buckets of one key number in a task is searched at once by one
+  FAISS binary IVF index whose lists *are* the sub-buckets (``add_core`` / ``range_search_preassigned``: each code
   is assigned to its own sub-bucket, scanned in C++, never a Python loop per sub-bucket);
 * a sub-bucket that is itself large is split the same way on the bits left free, once more at
   most (each level sends a code to r + 1 places) and only if the split shrank it to half its
@@ -55,7 +55,7 @@ def pairs_in_large_buckets(
         return empty, empty
     w = _range_width(max(len(b) for b in buckets), len(free), radius)
     if w == 0 or depth > MAX_DEPTH:  # no bits left to split on, or deep enough: compare whole
-        return _flat(codes, buckets, radius)
+        return compare_whole(codes, buckets, radius)
     ranges = [free[u * w : (u + 1) * w] for u in range(radius + 1)]
     sizes_in = np.array([len(b) for b in buckets])
     members = np.concatenate(buckets)
@@ -81,7 +81,7 @@ def pairs_in_large_buckets(
         deeper = [idx[s : s + n] for s, n in zip(starts[here & shrunk], sizes[here & shrunk])]
         rest = np.setdiff1d(free, ranges[u], assume_unique=True)
         whole = [idx[s : s + n] for s, n in zip(starts[here & large & ~shrunk], sizes[here & large & ~shrunk])]
-        for i, j in (pairs_in_large_buckets(codes, bits, deeper, rest, radius, depth + 1), _flat(codes, whole, radius)):
+        for i, j in (pairs_in_large_buckets(codes, bits, deeper, rest, radius, depth + 1), compare_whole(codes, whole, radius)):
             found.append((i, j, np.full(len(i), u)))
     i, j, u = (np.concatenate(x) for x in zip(*found))
     keep = _first_agreeing(bits, i, j, ranges) == u  # a pair agreeing on several ranges: its first only
@@ -153,10 +153,11 @@ def _lists_search(codes: np.ndarray, rows: np.ndarray, key: np.ndarray, radius: 
     return rows[q[keep]], rows[found[keep]], key[q[keep]]
 
 
-def _flat(codes: np.ndarray, buckets: list[np.ndarray], radius: int) -> tuple[np.ndarray, np.ndarray]:
+def compare_whole(codes: np.ndarray, buckets: list[np.ndarray], radius: int, method: str = "flat") -> tuple[np.ndarray, np.ndarray]:
+    """Pairs within ``radius`` inside each bucket, each compared all against all (``distinct_pairs``)."""
     out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for b in buckets:
-        i, j, _, _ = distinct_pairs(codes[b], radius, "flat")
+        i, j, _, _ = distinct_pairs(codes[b], radius, method)
         out_i.append(b[i])
         out_j.append(b[j])
     return np.concatenate(out_i), np.concatenate(out_j)
