@@ -259,6 +259,42 @@ def test_copy_dedup_with_few_probes_measures_its_recall(tmp_path):
     assert 0.9 * d1.num_rows <= d2.num_rows <= d1.num_rows
 
 
+def test_a_probe_margin_searches_boundary_vectors_in_more_lists_and_the_rest_in_fewer():
+    from curation.index_settings import IndexSettings
+
+    sims = np.array([[0.9, 0.85, 0.84, 0.5], [0.9, 0.5, 0.4, 0.3], [0.6, 0.59, 0.58, 0.57]], np.float32)
+    margin = IndexSettings(list_probe=3, list_probe_margin=0.06, list_probe_min=1).probed(sims)
+    assert margin.tolist() == [[True, True, True, False], [True, False, False, False], [True, True, True, False]]
+    assert IndexSettings(list_probe=2).probed(sims).sum(axis=1).tolist() == [2, 2, 2]  # no margin: fixed
+    assert IndexSettings(list_probe=3, list_probe_margin=0.0, list_probe_min=2).probed(sims)[1].tolist() == [True, True, False, False]
+    assert IndexSettings(list_probe=8, list_probe_margin=2.0).probes_every_list(8)
+    assert not IndexSettings(list_probe=8, list_probe_margin=0.1, list_probe_min=2).probes_every_list(8)
+    with pytest.raises(ValueError, match="list_probe_min"):
+        IndexSettings(list_probe=2, list_probe_min=3)
+
+
+def test_copy_dedup_with_a_probe_margin_finds_more_copies_than_its_fewest_probes_would(tmp_path):
+    planted = planted_groups(3000, 64, seed=5, topics=8)
+    table = pa.table({"sscd_descriptor": fixed_list(planted.x), **sizes(3000, 5)})
+    fixed = {"index": {"list_size": 250, "list_probe": 1, "recall_queries": 300}}
+    margin = {"index": {"list_size": 250, "list_probe": 12, "list_probe_margin": 0.1, "recall_queries": 300}}
+    (_, d_single, _), (few, d_few, _) = both_forms(tmp_path / "fixed", table, CopyDedupStage, fixed, shard_rows=300, **SMALL)
+    _, (near, d_near, _) = both_forms(tmp_path / "margin", table, CopyDedupStage, margin, shard_rows=300, **SMALL)
+    searched = near["summary"]["index"]["lists_searched_per_vector"]
+    assert few["summary"]["index"]["lists_searched_per_vector"] == 1.0 and 1.0 < searched < 12
+    assert near["summary"]["index"]["list_probe_margin"] == 0.1 and not near["summary"]["index"]["exact"]
+    assert near["summary"]["recall_at_64"] > few["summary"]["recall_at_64"]
+    assert d_few.num_rows < d_near.num_rows <= d_single.num_rows
+
+
+def test_copy_dedup_with_a_margin_covering_every_list_is_exact_and_agrees(tmp_path):
+    x, chain = chained_descriptors(2000, 64, seed=4)
+    table = pa.table({"sscd_descriptor": fixed_list(x), **sizes(2000, 4)})
+    config = {"threshold": 0.6, "index": {"list_size": 300, "list_probe": 1000, "list_probe_margin": 2.0}}
+    single, parted = assert_same(both_forms(tmp_path, table, CopyDedupStage, config, shard_rows=150, **SMALL))
+    assert parted["summary"]["index"]["exact"] and parted["summary"]["recall_at_64"] == 1.0
+
+
 def test_decontamination_across_partitions_agrees(tmp_path):
     x, chain = chained_descriptors(2000, 64, seed=6)
     roles = np.full(2000, schema.POOL, object)

@@ -136,20 +136,34 @@ def test_errors_of_our_code_are_not_retried(tmp_path):
     assert is_system_failure(RuntimeError("x")) is False
 
 
-def test_ray_datasets_are_named_after_their_stage_and_step(ray_local, monkeypatch, tmp_path):
-    import ray.data
+def test_ray_tasks_are_named_after_their_stage_and_step(ray_local, tmp_path):
+    import ray
 
-    from curation.executor import _dashboard
+    def task(item: dict) -> dict:
+        return {"y": item["x"] * 10, "name": ray.get_runtime_context().get_task_name()}
 
-    names: list[str] = []
-    original = ray.data.Dataset.set_name
-    monkeypatch.setattr(ray.data.Dataset, "set_name", lambda self, name: (names.append(name), original(self, name))[1])
     seen = []
     progress = RunProgress(STAGES, "off", on_status=seen.append, status_interval=0)
     ex = RayExecutor(RunStore(tmp_path), progress=progress)
     progress.stage_started("copy_dedup", None, "tasks")
-    progress.step("copy_dedup", "knn", total=2)
-    assert ex.run_tasks("copy_dedup:knn", [{"x": 1}, {"x": 2}], lambda item: {"y": item["x"] * 10}) == [{"y": 10}, {"y": 20}]
-    assert names == ["copy_dedup.knn"] and seen[-1]["done"] == 2
+    progress.step("copy_dedup", "knn", total=5)
+    out = ex.run_tasks("copy_dedup:knn", [{"x": x} for x in range(5)], task)  # more items than in flight at once
+    assert out == [{"y": 10 * x, "name": "copy_dedup.knn"} for x in range(5)]  # in item order
+    assert seen[-1]["done"] == 5
+
+
+def test_a_task_that_raises_fails_run_tasks_with_its_error(ray_local, tmp_path):
+    def task(item: dict) -> dict:
+        if item["x"] == 3:
+            raise ValueError("bad item 3")
+        return {}
+
+    with pytest.raises(ValueError, match="bad item 3"):
+        RayExecutor(RunStore(tmp_path)).run_tasks("copy_dedup:knn", [{"x": x} for x in range(6)], task)
+
+
+def test_the_dashboard_url_is_made_a_link():
+    from curation.executor import _dashboard
+
     assert _dashboard(type("Ctx", (), {"dashboard_url": "127.0.0.1:8265"})()) == "http://127.0.0.1:8265"
     assert _dashboard(type("Ctx", (), {"dashboard_url": ""})()) is None

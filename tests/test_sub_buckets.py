@@ -58,13 +58,40 @@ def test_a_bucket_with_no_bits_left_to_split_is_compared_whole(monkeypatch):
     assert as_set(i, j) == sorted(brute_force(codes, 6))
 
 
-@pytest.mark.parametrize("mode", ["substrings", "pairs"])
-def test_the_partition_search_with_split_buckets_equals_the_whole_search(monkeypatch, mode):
+@pytest.mark.parametrize("radius", [1, 2, 6])
+def test_a_pair_whose_first_equal_substring_is_t_agrees_on_one_of_bucket_ts_ranges(radius):
+    """The ranges of bucket t (``first_bucket_ranges``) may be fewer than r + 1 because the pairs
+    it keeps differ on every earlier substring: at most r - t differences are left for the later
+    bits, and in the last bucket each earlier substring differs in exactly one bit."""
+    scheme = key_scheme(64, radius)
+    rng = np.random.default_rng(radius)
+    for t, (a, b) in enumerate(scheme.bounds):
+        x = np.unpackbits(rng.integers(0, 256, (3000, 8), dtype=np.uint8), axis=1)
+        y = x.copy()
+        others = np.r_[0:a, b:64]
+        for row in range(len(y)):  # one difference in each earlier substring, the rest anywhere but t
+            flips = [rng.integers(lo, hi) for lo, hi in scheme.bounds[:t]]
+            spare = rng.integers(0, radius - t + 1)
+            flips += list(rng.choice(np.setdiff1d(others, flips), spare, replace=False))
+            y[row, flips] ^= 1
+        assert (hamming(np.packbits(x, axis=1), np.packbits(y, axis=1)) <= radius).all()
+        for width in (1, 3, 7, 12):
+            ranges = sub_buckets.first_bucket_ranges(scheme.bounds, t, radius)(width)
+            assert ranges and all(len(p) > 0 and not np.isin(p, np.arange(a, b)).any() for p in ranges)
+            agree = np.stack([(x[:, p] == y[:, p]).all(axis=1) for p in ranges])
+            assert agree.any(axis=0).all(), (t, width)
+            assert len(ranges) <= (radius - t + 1 if t < radius else 2 ** t)
+
+
+@pytest.mark.parametrize("mode, fixed", [("substrings", "first"), ("substrings", "last"), ("pairs", "first")])
+def test_the_partition_search_with_split_buckets_equals_the_whole_search(monkeypatch, mode, fixed):
     """What a bucket partition's reduce finds is the same whether its large buckets are compared
-    whole (FAISS flat) or split. Low-entropy first bytes make buckets of hundreds of codes."""
+    whole (FAISS flat) or split. Low-entropy first (or last: the buckets split on combinations
+    of halves) bytes make buckets of hundreds of codes."""
     codes = clustered_codes(4000, 8, 6, seed=11)
     rng = np.random.default_rng(5)
-    codes[:, :3] = np.array([[0, 0, 0], [255, 0, 17], [1, 2, 3]], np.uint8)[rng.integers(0, 3, len(codes))]
+    cols = slice(0, 3) if fixed == "first" else slice(5, 8)
+    codes[:, cols] = np.array([[0, 0, 0], [255, 0, 17], [1, 2, 3]], np.uint8)[rng.integers(0, 3, len(codes))]
     codes = np.unique(codes, axis=0)
     scheme = key_scheme(64, 6, mode)
     keys = bucket_keys(codes, scheme)

@@ -9,10 +9,11 @@
     -> recall (aggregate: recall@k of the sampled queries against exact search)
     -> connected components
 
-A vector is stored in one list (its nearest centroid) and searched in ``list_probe`` lists, so
-with every list probed the search is exact and the graph equals the single-task one. Why the
-merge may keep only candidates above the threshold: an edge needs a neighbour in the global
-top k *and* above the threshold; every such neighbour is in its list's top k and above the
+A vector is stored in one list (its nearest centroid) and searched in ``list_probe`` lists (or
+those nearly as close as its nearest, ``list_probe_margin``), so with every list probed the
+search is exact and the graph equals the single-task one. Why the merge may keep only
+candidates above the threshold: an edge needs a neighbour in the global top k *and* above the
+threshold; every such neighbour is in its list's top k and above the
 threshold, and any candidate above the threshold that is not in the global top k is outranked by
 k others that are all above the threshold too, so the top k of the candidates is exactly the
 edges.
@@ -141,12 +142,13 @@ def knn_graph_steps(descriptor: str, k: int, threshold: float, settings, seed: i
         lists = art.facts["lists"]
         probe = min(settings.list_probe, lists)
         if lists > 1:
-            _, nearest = knn_search(art.arrays["centroids"], x, probe, spec="Flat", gpu=settings.gpu)
+            sims, nearest = knn_search(art.arrays["centroids"], x, probe, spec="Flat", gpu=settings.gpu)
+            searched = settings.probed(sims)
         else:
-            nearest = np.zeros((len(uids), 1), np.int64)
-        rows = np.repeat(np.arange(len(uids)), probe)
-        lst = nearest.reshape(-1)
-        primary = np.tile(np.r_[True, np.zeros(probe - 1, bool)], len(uids))
+            nearest, searched = np.zeros((len(uids), 1), np.int64), np.ones((len(uids), 1), bool)
+        rows = np.repeat(np.arange(len(uids)), searched.sum(axis=1))
+        lst = nearest[searched]
+        primary = np.broadcast_to(np.arange(nearest.shape[1]) == 0, nearest.shape)[searched]  # stored in its nearest list
         t = pa.table({schema.UID: pa.array(uids[rows], pa.int64()), PRIMARY: pa.array(primary), VEC: table.column(descriptor).take(pa.array(idx[rows]))})
         out["lists"] = with_partition(t, lst)
         ctx.count("vectors", len(uids))
@@ -271,7 +273,9 @@ def graph_summary(counters: dict, facts: dict, k: int, threshold: float, setting
             "form": "IVF-partitioned",
             "lists": lists,
             "list_probe": min(settings.list_probe, lists),
-            "exact": settings.list_probe >= lists and not s.get("approximate_chunks", 0),
+            **({} if settings.list_probe_margin is None else {"list_probe_margin": settings.list_probe_margin, "list_probe_min": settings.list_probe_min}),
+            "lists_searched_per_vector": round(s.get("probes", 0) / n, 3) if n else None,
+            "exact": settings.probes_every_list(lists) and not s.get("approximate_chunks", 0),
             "per_list_spec": settings.spec,
             "largest_list": int(s.get("list_rows_max", 0)),
             "train_rows": q.get("train_rows"),

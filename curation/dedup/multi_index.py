@@ -264,8 +264,9 @@ PAIR_CHUNK = 1 << 22  # candidate pairs compared at once (bounds the memory of t
 
 
 def _bucket_candidates(codes: np.ndarray, keys: np.ndarray, here: np.ndarray, radius: int, method: str, scheme: KeyScheme):
-    """Yield (i, j, key number) for the pairs within ``radius`` inside each bucket of this
-    partition (indices into ``codes``, which are distinct). Only codes sharing a bucket are
+    """Yield (i, j, key number) for pairs within ``radius`` inside each bucket of this partition
+    (indices into ``codes``, which are distinct): at least every pair whose *first* shared bucket
+    it is, which is the only one the caller keeps (others may come too). Only codes sharing a bucket are
     compared: small buckets by all-pairs popcount in bounded chunks, larger ones by FAISS binary
     range search, exact, and buckets of ``SPLIT_MIN`` codes or more (with ``method: auto``) by
     splitting them again on the bits their key leaves free (``curation.dedup.sub_buckets``)."""
@@ -295,8 +296,19 @@ def _bucket_candidates(codes: np.ndarray, keys: np.ndarray, here: np.ndarray, ra
         yield i, j, np.full(len(i), t)
         if bits is not None:
             free = _free_bits(scheme, int(t), bits.shape[1])
-            i, j = sub_buckets.pairs_in_large_buckets(codes, bits, _members(c_of, starts, sizes, split & of_t), free, radius)
+            i, j = sub_buckets.pairs_in_large_buckets(
+                codes, bits, _members(c_of, starts, sizes, split & of_t), free, radius, ranges=_split_ranges(scheme, int(t), radius)
+            )
             yield i, j, np.full(len(i), t)
+
+
+def _split_ranges(scheme: KeyScheme, key_number: int, radius: int):
+    """How a large bucket of this key is split: single substrings keep a pair only in its first
+    shared bucket, which leaves fewer ranges to search (``sub_buckets.first_bucket_ranges``);
+    pairs of substrings use r + 1 ranges of the free bits (the default)."""
+    if all(parts == (t,) for t, parts in enumerate(scheme.keys)):
+        return sub_buckets.first_bucket_ranges(scheme.bounds, key_number, radius)
+    return None
 
 
 def _members(c_of: np.ndarray, starts: np.ndarray, sizes: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
