@@ -48,13 +48,18 @@ THRESHOLD = 0.8  # copies sit at cosine >= 0.88 in this synthetic space, distinc
 STAGES = {
     "exact_dedup": {},
     "phash_dedup": {"radius": 6, "flip": False},
-    "pca_hash": {"descriptor": "sscd_descriptor", "bits": 64, "radius": 2},
-    # Each vector is searched in the lists whose centroid is within 0.15 cosine of its nearest
-    # (5 to 16 lists). Simulated on this generator's 4M descriptors (the same quantizer, every
-    # planted pair checked): 10 fixed probes left 3 copy groups split (the run measured 4) at
-    # recall@64 0.979; the margin left none at 0.974 with ~6 lists per vector, ~63% of the
-    # search. Lists of 12.5k: 40 at 0.5M to 320 at 4M.
-    "copy_dedup": {"threshold": THRESHOLD, "index": {"list_size": 12_500, "list_probe": 16, "list_probe_margin": 0.15, "list_probe_min": 5}},
+    # Radius 4: the planted re-encodes (cosine ~0.99999) differ in up to 4 sign bits at 4M (31
+    # groups at 3 bits, 1 at 4, of 40k): a vector near a hyperplane flips its bit.
+    "pca_hash": {"descriptor": "sscd_descriptor", "bits": 64, "radius": 4},
+    # Each vector is searched in the lists whose centroid is within a cosine margin of its
+    # nearest. Simulated on this generator's 4M descriptors (every planted pair checked, two
+    # quantizer seeds): 10 fixed probes left 3 copy groups split (the run measured 4), 26 pairs
+    # unlinked, recall@64 0.979; margin 0.15 (5 to 16 lists) none split but 4-6 pairs unlinked,
+    # ~63% of the search, and the run left 1 group of 237,641 split; margin 0.25 (6 to 32
+    # lists, ~10.6 per vector) no pair unlinked at recall 0.990, about the search of 10 fixed.
+    # Decontamination keeps 0.15: a contaminated component needs one link to the evaluation
+    # image, and it recovered every one. Lists of 12.5k: 40 at 0.5M to 320 at 4M.
+    "copy_dedup": {"threshold": THRESHOLD, "index": {"list_size": 12_500, "list_probe": 32, "list_probe_margin": 0.25, "list_probe_min": 6}},
     "decontaminate": {"threshold": THRESHOLD, "index": {"list_size": 12_500, "list_probe": 16, "list_probe_margin": 0.15, "list_probe_min": 5}},
 }
 
@@ -434,7 +439,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "scale", "cpus": os.cpu_count(), "dim": args.dim, "stage_configs": STAGES, "shard_rows": args.shard_rows, "runs": []}
     if args.keep_measured:
-        report.update(measured_before(report, args.quick))
+        report.update(measured_before(report, args.quick, args.remeasure))
         sizes = [n for n in sizes if n not in {r["n"] for r in report["runs"]}]
         print(f"kept from the result file: N = {[r['n'] for r in report['runs']]}; to run: {sizes}", flush=True)
         if args.remeasure and report["runs"]:
@@ -469,15 +474,27 @@ def remeasure(args, report: dict) -> None:
         print(f"N={run['n']}: {args.remeasure} measured again in {time.perf_counter() - t0:.0f} s", flush=True)
         summarise(report, args)
         write_result("scale", report, quick=args.quick)
+    if args.two_node and "two_node" in report:  # the same stages again on the two-node cluster
+        fresh = two_node_report(again, runs[0])
+        for key in ("identical_to_one_node", "step_nodes"):
+            report["two_node"][key].update(fresh[key])
+        report["two_node"]["run"]["stages"].update(fresh["run"]["stages"])
+        report["two_node"].setdefault("measured_again", {}).update(
+            {k: {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit()} for k in args.remeasure})
+        write_result("scale", report, quick=args.quick)
 
 
-def measured_before(report: dict, quick: bool) -> dict:
-    """Runs (and the two-node run) of an earlier result file made with the same settings."""
+def measured_before(report: dict, quick: bool, remeasured: list[str] = ()) -> dict:
+    """Runs (and the two-node run) of an earlier result file made with the same settings
+    (those of the ``remeasured`` stages excepted)."""
     path = RESULTS / f"scale-{device_name()}{'-quick' if quick else ''}.json"
     if not path.exists():
         return {}
     old = json.loads(path.read_text())
-    same = all(json.dumps(old.get(k), sort_keys=True) == json.dumps(report[k], sort_keys=True) for k in ("cpus", "dim", "stage_configs", "shard_rows"))
+    same = all(json.dumps(old.get(k), sort_keys=True) == json.dumps(report[k], sort_keys=True) for k in ("cpus", "dim", "shard_rows"))
+    # A stage measured again may change its settings; every other stage must keep them.
+    kept = [k for k in report["stage_configs"] if k not in remeasured]
+    same = same and all(json.dumps(old.get("stage_configs", {}).get(k), sort_keys=True) == json.dumps(report["stage_configs"][k], sort_keys=True) for k in kept)
     if not same:
         print(f"{path.name} was made with other settings: measuring every size again", flush=True)
         return {}
