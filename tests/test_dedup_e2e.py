@@ -3,7 +3,6 @@ reasons pointing at kept representatives; pool copies of an evaluation image are
 
 from __future__ import annotations
 
-import io
 import json
 
 import pyarrow.parquet as pq

@@ -3,13 +3,11 @@ teacher, and use that checkpoint as the retrieval embedder of the next curation 
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from curation.config import load_config
